@@ -1,0 +1,30 @@
+"""The model zoo: pure functions over plain parameter pytrees.
+
+    params = models.init(config, jax.random.key(0))
+    logits = models.forward(config, params, tokens, positions=None, segment_ids=None)
+
+`forward` is the entry point for every family; the family files hold presets of published models.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from jpllm_jax.models import gpt, llama, mistral, qwen2
+from jpllm_jax.models.config import ModelConfig
+from jpllm_jax.models.loss import cross_entropy
+from jpllm_jax.models.transformer import (forward, forward_cached, init, init_cache, param_axes, param_shapes,
+                                          param_specs)
+
+PRESETS: dict[str, Callable[..., ModelConfig]] = {**llama.PRESETS, **mistral.PRESETS, **qwen2.PRESETS,
+                                                  **gpt.PRESETS}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+  """A published architecture by name (`llama2-7b`, `llama3-8b`, `mistral-7b`, `qwen2-7b`, `llm-jp-13b-v1`)."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+  return PRESETS[name](**overrides)
+
+
+__all__ = ["ModelConfig", "PRESETS", "cross_entropy", "forward", "forward_cached", "init", "init_cache",
+           "param_axes", "param_shapes", "param_specs", "preset"]

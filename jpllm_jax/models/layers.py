@@ -1,0 +1,120 @@
+"""The parts every decoder family shares: norms, rotary embeddings, masked (grouped-query) attention, MLPs.
+
+Shape suffixes name dimensions: B batch, T query length, S key length, D d_model, H query heads,
+K key/value heads, G = H // K query heads per key/value head, E head_dim, F d_ff, V vocab.
+Norms, softmax and RoPE run in float32 whatever the compute dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jpllm_jax.models.config import ModelConfig
+
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row gives no NaN.
+
+
+# ----------------------------------------------------------------------------------------------- norms
+def rms_norm(x, scale, eps: float):
+  """Llama's RMSNorm: x / rms(x) * scale."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def layer_norm(x, scale, bias, eps: float):
+  """GPT's LayerNorm with learned scale and bias."""
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+  return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def norm(cfg: ModelConfig, p: dict, x):
+  if cfg.norm == "rms":
+    return rms_norm(x, p["scale"], cfg.norm_eps)
+  return layer_norm(x, p["scale"], p["bias"], cfg.norm_eps)
+
+
+# ---------------------------------------------------------------------------------------------- RoPE
+def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
+  """Inverse frequencies [E/2] of the rotary embedding, with the config's scaling rule applied."""
+  dim = cfg.dim_per_head
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  p = cfg.rope_params
+  if cfg.rope_type == "linear":
+    inv_freq = inv_freq / p["factor"]
+  elif cfg.rope_type == "llama3":
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old_len = p["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    inv_freq = jnp.where(medium, smoothed, scaled)
+  return inv_freq
+
+
+def apply_rope(x_BTNE, positions_BT, inv_freq):
+  """Rotates pairs (i, i + E/2) of each head by position * frequency (the Hugging Face layout)."""
+  angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, E/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x = x_BTNE.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTNE.dtype)
+
+
+# ----------------------------------------------------------------------------------------- attention
+def attention_mask(q_index_BT, k_index_S, q_segment_BT, k_segment_BS, sliding_window: int | None):
+  """[B, T, S] boolean: causal by sequence index, same document, key not padding, inside the window.
+
+  Segment id 0 marks padding (or an empty cache slot); packed documents have distinct ids > 0.
+  """
+  q_idx = q_index_BT[:, :, None]
+  k_idx = k_index_S[None, None, :]
+  mask = (k_idx <= q_idx) & (k_segment_BS[:, None, :] == q_segment_BT[:, :, None])
+  mask &= (k_segment_BS != 0)[:, None, :]
+  if sliding_window is not None:
+    mask &= q_idx - k_idx < sliding_window
+  return mask
+
+
+def attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS):
+  """Softmax attention with grouped query heads (no key/value repetition); softmax in float32."""
+  b, t, h, e = q_BTHE.shape
+  kv = k_BSKE.shape[2]
+  q = q_BTHE.reshape(b, t, kv, h // kv, e)
+  logits = jnp.einsum("btkge,bske->bkgts", q, k_BSKE, preferred_element_type=jnp.float32)
+  logits = logits * (1.0 / math.sqrt(e))
+  logits = jnp.where(mask_BTS[:, None, None], logits, MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKE.dtype)
+  out = jnp.einsum("bkgts,bske->btkge", probs, v_BSKE)
+  return out.reshape(b, t, h, e)
+
+
+# ----------------------------------------------------------------------------------------------- MLP
+def activation(name: str, x):
+  if name == "silu":
+    return jax.nn.silu(x)
+  if name == "gelu":
+    return jax.nn.gelu(x, approximate=False)
+  if name == "gelu_tanh":
+    return jax.nn.gelu(x, approximate=True)
+  if name == "relu":
+    return jax.nn.relu(x)
+  raise ValueError(f"unknown activation {name!r}")
+
+
+def dense(x, p: dict, eq: str):
+  """Einsum with an optional bias: the one projection helper of the models."""
+  y = jnp.einsum(eq, x, p["kernel"])
+  if "bias" in p:
+    y = y + p["bias"]
+  return y
