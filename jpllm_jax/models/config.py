@@ -14,6 +14,8 @@ NORMS = ("rms", "layer")
 MLPS = ("swiglu", "gelu")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 ROPE_TYPES = ("default", "linear", "llama3")
+# Activation checkpointing of each layer: what the backward pass may keep instead of recomputing.
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,12 +55,14 @@ class ModelConfig:
   # Numerics: parameters are stored in `param_dtype`, matmuls run in `dtype`, norms and softmax in float32.
   dtype: str = "float32"
   param_dtype: str = "float32"
+  remat: str = "none"  # one of REMAT_POLICIES; gradients are identical, memory and time differ.
 
   def __post_init__(self):
     _check(self.family in FAMILIES, f"family={self.family!r} not in {FAMILIES}")
     _check(self.norm in NORMS, f"norm={self.norm!r} not in {NORMS}")
     _check(self.mlp in MLPS, f"mlp={self.mlp!r} not in {MLPS}")
     _check(self.activation in ACTIVATIONS, f"activation={self.activation!r} not in {ACTIVATIONS}")
+    _check(self.remat in REMAT_POLICIES, f"remat={self.remat!r} not in {REMAT_POLICIES}")
     _check(self.rope_type in ROPE_TYPES, f"rope_type={self.rope_type!r} not in {ROPE_TYPES}")
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
       _check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jpllm_jax.models import layers
 from jpllm_jax.models.config import ModelConfig
@@ -120,9 +121,9 @@ def _block(cfg: ModelConfig, p: Params, x, positions, mask, kv_write: Callable |
   q = layers.dense(h, p["attn"]["q"], "btd,dhe->bthe")
   k = layers.dense(h, p["attn"]["k"], "btd,dke->btke")
   v = layers.dense(h, p["attn"]["v"], "btd,dke->btke")
-  q = logical_constraint(q, ("batch", "length", "heads", "head_dim"))
-  k = logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
-  v = logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+  q = checkpoint_name(logical_constraint(q, ("batch", "length", "heads", "head_dim")), "qkv_proj")
+  k = checkpoint_name(logical_constraint(k, ("batch", "length", "kv_heads", "head_dim")), "qkv_proj")
+  v = checkpoint_name(logical_constraint(v, ("batch", "length", "kv_heads", "head_dim")), "qkv_proj")
   if inv_freq is not None:
     q = layers.apply_rope(q, positions, inv_freq)
     k = layers.apply_rope(k, positions, inv_freq)
@@ -174,6 +175,20 @@ def _default_inputs(tokens, positions, segment_ids):
   return positions, segment_ids
 
 
+def _remat(cfg: ModelConfig, body):
+  """Wraps the scanned layer body in `jax.checkpoint` with the config's policy."""
+  if cfg.remat == "none":
+    return body
+  policies = jax.checkpoint_policies
+  policy = {
+      "full": None,  # save nothing: recompute the whole layer.
+      "save_dots": policies.checkpoint_dots,
+      "save_dots_no_batch": policies.dots_with_no_batch_dims_saveable,
+      "save_qkv_proj": policies.save_only_these_names("qkv_proj"),
+  }[cfg.remat]
+  return jax.checkpoint(body, policy=policy, prevent_cse=False)
+
+
 def _cast_layer(p, dtype):
   return jax.tree.map(lambda w: w.astype(dtype), p)
 
@@ -195,7 +210,7 @@ def forward(cfg: ModelConfig, params: Params, tokens, *, positions=None, segment
     x, _ = _block(cfg, _cast_layer(p, dtype), x, positions, mask, None, inv_freq)
     return x, None
 
-  x, _ = jax.lax.scan(body, x, params["layers"])
+  x, _ = jax.lax.scan(_remat(cfg, body), x, params["layers"])
   return _logits(cfg, params, x, dtype)
 
 

@@ -1,4 +1,8 @@
-"""Parallel layout: logical axis names of weights and activations, and the rules that map them to a mesh."""
+"""Parallel layout: logical axis names of weights and activations, the rules that map them to a mesh, meshes."""
 from jpllm_jax.parallel.logical import axis_rules, current_rules, logical_constraint, logical_to_spec
+from jpllm_jax.parallel.mesh import (DEFAULT_RULES, MESH_AXES, check_model_fits_mesh, initialize_distributed,
+                                     make_mesh, mesh_shape, shardings)
 
-__all__ = ["axis_rules", "current_rules", "logical_constraint", "logical_to_spec"]
+__all__ = ["DEFAULT_RULES", "MESH_AXES", "axis_rules", "check_model_fits_mesh", "current_rules",
+           "initialize_distributed", "logical_constraint", "logical_to_spec", "make_mesh", "mesh_shape",
+           "shardings"]

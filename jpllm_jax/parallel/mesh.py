@@ -1,0 +1,110 @@
+"""Device meshes, the default logical-to-mesh rules table, and multi-host start-up.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with sharded parameters and optimizer
+state), `tensor` (Megatron-style tensor parallel), and `stage` / `expert`, kept at size 1 until the
+pipeline and expert-parallel layouts land. A size of -1 takes the devices left over.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding
+
+from jpllm_jax.models.config import ModelConfig
+from jpllm_jax.parallel.logical import Rules, logical_to_spec
+
+MESH_AXES = ("data", "stage", "fsdp", "expert", "tensor")
+
+# MaxText-style defaults: batch over data+fsdp, weights' embed dim over fsdp, heads/mlp/vocab over tensor.
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),  # the pipeline layout will map layers to `stage`.
+)
+
+
+def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Resolves one -1 entry and checks that the axis sizes multiply to the device count."""
+  unknown = [a for a in sizes if a not in MESH_AXES]
+  if unknown:
+    raise ValueError(f"unknown mesh axes {unknown}; use {MESH_AXES}")
+  shape = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
+  free = [a for a, n in shape.items() if n == -1]
+  if len(free) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {free}")
+  known = math.prod(n for n in shape.values() if n != -1)
+  if free:
+    if num_devices % known:
+      raise ValueError(f"mesh {sizes}: {num_devices} devices are not divisible by the fixed axes' product "
+                       f"{known}; change the mesh sizes")
+    shape[free[0]] = num_devices // known
+  if math.prod(shape.values()) != num_devices:
+    raise ValueError(f"mesh {shape} has {math.prod(shape.values())} devices but {num_devices} are available; "
+                     f"set the sizes so that their product is {num_devices} (or use -1 for one axis)")
+  return shape
+
+
+def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
+  """A mesh over all (global) devices; the physical layout puts `tensor` on the fastest links."""
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(sizes, len(devices))
+  dims = tuple(shape[a] for a in MESH_AXES)
+  try:
+    grid = mesh_utils.create_device_mesh(dims, devices=devices, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError):
+    grid = np.asarray(devices).reshape(dims)
+  return Mesh(grid, MESH_AXES)
+
+
+def check_model_fits_mesh(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> None:
+  """Fails at start-up, naming what to change, when a sharded dimension does not divide its mesh axes."""
+  table = dict(rules)
+  dims = {"heads": cfg.n_heads, "kv_heads": cfg.num_heads_kv, "mlp": cfg.d_ff, "vocab": cfg.vocab_size,
+          "embed": cfg.d_model, "layers": cfg.n_layers}
+  for name, size in dims.items():
+    axes = table.get(name)
+    if axes is None:
+      continue
+    axes = (axes,) if isinstance(axes, str) else axes
+    n = math.prod(mesh.shape[a] for a in axes)
+    if size % n:
+      hint = " (pad the vocabulary to a multiple of it)" if name == "vocab" else ""
+      raise ValueError(f"model dimension {name}={size} is not divisible by mesh axes {axes} of total size {n}"
+                       f"{hint}; change the model or the mesh")
+
+
+def shardings(axes_tree, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+  """`NamedSharding` for every leaf of a tree of logical axes tuples."""
+  return jax.tree.map(lambda axes: NamedSharding(mesh, logical_to_spec(axes, rules)), axes_tree,
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None,
+                           local_device_ids=None) -> None:
+  """Starts multi-host JAX (`jax.distributed.initialize`); on CPU the collectives use gloo.
+
+  With no coordinator this is a no-op for a single process; on TPU pods and Slurm/Open MPI GPU clusters
+  JAX can discover the arguments itself (pass `coordinator="auto"`).
+  """
+  if coordinator is None:
+    return
+  if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if coordinator == "auto":
+    jax.distributed.initialize()
+  else:
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id, local_device_ids=local_device_ids)
+  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
