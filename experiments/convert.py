@@ -1,0 +1,46 @@
+"""Converts Hugging Face checkpoints to our orbax checkpoints and back.
+
+HF -> orbax (Llama, Mistral, Qwen2, GPT-2 safetensors; `--dtype` casts, default keeps the checkpoint's):
+
+    python -m experiments.convert --hf_dir=/models/Llama-3.1-8B --out=/ckpt/llama3-8b [--dtype=bfloat16]
+
+orbax -> HF (the latest step unless `--step`; shards of at most `--max_shard_size`):
+
+    python -m experiments.convert --ckpt_dir=/ckpt/llama3-8b --hf_out=/models/llama3-8b-hf [--step=1000]
+
+The HF output has config.json and the weights only: copy tokenizer files and generation_config.json over.
+"""
+from __future__ import annotations
+
+from absl import app, flags, logging
+
+from jpllm_jax import checkpoint, hf
+
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "HF checkpoint directory to read (HF -> orbax).")
+_OUT = flags.DEFINE_string("out", None, "orbax checkpoint directory to write (HF -> orbax).")
+_CKPT_DIR = flags.DEFINE_string("ckpt_dir", None, "orbax checkpoint directory to read (orbax -> HF).")
+_HF_OUT = flags.DEFINE_string("hf_out", None, "HF checkpoint directory to write (orbax -> HF).")
+_STEP = flags.DEFINE_integer("step", None, "orbax step: to read (default latest) or to write (default 0).")
+_DTYPE = flags.DEFINE_string("dtype", None, "dtype of the written weights (default: keep the source's).")
+_MAX_SHARD_SIZE = flags.DEFINE_string("max_shard_size", "5GB", "largest HF shard, e.g. 5GB or 500MiB.")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  to_orbax = _HF_DIR.value is not None and _OUT.value is not None
+  to_hf = _CKPT_DIR.value is not None and _HF_OUT.value is not None
+  if to_orbax == to_hf or sum(f.value is not None for f in (_HF_DIR, _OUT, _CKPT_DIR, _HF_OUT)) != 2:
+    raise app.UsageError("give either --hf_dir and --out (HF -> orbax) or --ckpt_dir and --hf_out (orbax -> HF)")
+  if to_orbax:
+    config, params = hf.load_pretrained(_HF_DIR.value, dtype=_DTYPE.value)
+    checkpoint.save_params(_OUT.value, config, params, step=_STEP.value or 0)
+    logging.info("wrote %s (%s) to %s", config.family, config.param_dtype, _OUT.value)
+  else:
+    config, params = checkpoint.load_params(_CKPT_DIR.value, step=_STEP.value)
+    hf.save_pretrained(config, params, _HF_OUT.value, dtype=_DTYPE.value, max_shard_size=_MAX_SHARD_SIZE.value)
+    logging.info("wrote %s to %s", config.family, _HF_OUT.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

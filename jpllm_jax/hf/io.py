@@ -1,0 +1,180 @@
+"""Reading and writing Hugging Face safetensors checkpoints, one tensor at a time.
+
+`load_pretrained` preallocates each of our stacked arrays once and fills its layer slices as the tensors
+are read, so converting a 70B model needs one copy of the weights in memory, not two. `save_pretrained`
+converts and writes one shard at a time. Both return / accept numpy (or jax) arrays in our nested layout.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+from safetensors import safe_open
+
+from jpllm_jax.hf import mapping
+from jpllm_jax.models.config import ModelConfig
+from jpllm_jax.models.transformer import param_shapes
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+          "TIB": 2**40}
+
+
+def load_pretrained(path: str | os.PathLike, dtype: Any = None) -> tuple[ModelConfig, dict[str, Any]]:
+  """(config, params) of a local HF checkpoint directory (config.json + safetensors, sharded or not).
+
+  Supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and GPT2LMHeadModel. `dtype` is the
+  dtype of the returned numpy arrays and of `config.param_dtype`; None keeps the checkpoint's.
+  Raises ValueError naming the tensor for a missing, unexpected or wrongly shaped tensor.
+  """
+  path = pathlib.Path(path)
+  hf_config = json.loads((path / "config.json").read_text())
+  files = _safetensors_files(path)
+  dtype = jnp.dtype(dtype) if dtype is not None else _checkpoint_dtype(files, hf_config)
+  cfg = mapping.config_from_hf(hf_config).replace(param_dtype=dtype.name)
+  shapes = _param_shapes(cfg)
+  expected = mapping.tensor_table(cfg, shapes)
+  flat = {p: np.empty(s, dtype) for p, s in shapes.items()}
+  seen = set()
+  for file in files:
+    with safe_open(file, framework="np") as f:
+      for stored in f.keys():
+        name = mapping.checkpoint_name(cfg, stored, expected)
+        if name is None:
+          continue
+        if name not in expected:
+          raise ValueError(f"unexpected tensor {stored!r} in {file.name} for {cfg.family} config")
+        if name in seen:
+          raise ValueError(f"tensor {stored!r} is stored twice")
+        tensor = expected[name]
+        got = tuple(f.get_slice(stored).get_shape())
+        if got != tensor.hf_shape:
+          raise ValueError(f"tensor {stored!r} has shape {got}, expected {tensor.hf_shape} for the config")
+        parts = mapping.to_ours(f.get_tensor(stored), tensor.row.layout, list(tensor.shapes))
+        for target, part in zip(tensor.ours(flat), parts):
+          target[...] = part  # Fills the preallocated (layer slice of the) array, cast to `dtype`.
+        seen.add(name)
+  missing = [n for n in expected if n not in seen]
+  if missing:
+    raise ValueError(f"missing tensor {missing[0]!r} ({len(missing)} missing in all) in {path}")
+  return cfg, _unflatten(flat)
+
+
+def save_pretrained(config: ModelConfig, params: dict[str, Any], path: str | os.PathLike, dtype: Any = None,
+                    max_shard_size: int | str = "5GB") -> None:
+  """Writes an HF checkpoint directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+  `dtype` is the stored dtype (None: `config.param_dtype`). Shards above `max_shard_size` (bytes, or a
+  string like "5GB" / "500MiB") get an index json, as transformers writes them. Tied models have no
+  `lm_head.weight`. Raises ValueError for options HF cannot represent (`scale_embedding`, ...).
+  """
+  path = pathlib.Path(path)
+  dtype = jnp.dtype(config.param_dtype if dtype is None else dtype)
+  hf_config = mapping.config_to_hf(config, dtype.name)
+  flat = _flatten(params)
+  shapes = _param_shapes(config)
+  for p, s in shapes.items():
+    if p not in flat or tuple(flat[p].shape) != s:
+      raise ValueError(f"parameter {p!r} has shape {getattr(flat.get(p), 'shape', None)}, expected {s}")
+  if unexpected := sorted(set(flat) - set(shapes)):
+    raise ValueError(f"unexpected parameters {unexpected} for the config")
+  table = mapping.tensor_table(config, shapes)
+  nbytes = {name: math.prod(t.hf_shape) * dtype.itemsize for name, t in table.items()}
+  shards = _plan_shards(list(nbytes.items()), _parse_size(max_shard_size))
+  path.mkdir(parents=True, exist_ok=True)
+  for stale in path.iterdir():  # A previous save's shards would shadow or mix with these.
+    if stale.name in (SINGLE_FILE, INDEX_FILE) or re.fullmatch(r"model-\d+-of-\d+\.safetensors", stale.name):
+      stale.unlink()
+  weight_map = {}
+  for k, names in enumerate(shards):
+    file = SINGLE_FILE if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+    tensors = {}
+    for name in names:
+      parts = [np.asarray(a, dtype) for a in table[name].ours(flat)]
+      tensors[name] = mapping.to_hf(parts, table[name].row.layout)
+      weight_map[name] = file
+    safetensors.numpy.save_file(tensors, path / file, metadata={"format": "pt"})
+  if len(shards) > 1:
+    index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
+    (path / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+  (path / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+
+
+def _param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  return _flatten(jax.tree.map(lambda s: s.shape, param_shapes(cfg)))
+
+
+def _safetensors_files(path: pathlib.Path) -> list[pathlib.Path]:
+  if (path / INDEX_FILE).exists():
+    weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+    return [path / f for f in sorted(set(weight_map.values()))]
+  if (path / SINGLE_FILE).exists():
+    return [path / SINGLE_FILE]
+  raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
+
+
+def _checkpoint_dtype(files: list[pathlib.Path], hf_config: dict[str, Any]) -> np.dtype:
+  """The stored dtype; for a checkpoint of mixed dtypes, the one config.json declares."""
+  stored = set()
+  for file in files:
+    with safe_open(file, framework="np") as f:
+      stored |= {f.get_slice(k).get_dtype() for k in f.keys()}
+  if len(stored) == 1 and next(iter(stored)) in SAFETENSORS_DTYPES:
+    return jnp.dtype(SAFETENSORS_DTYPES[stored.pop()])
+  declared = hf_config.get("dtype") or hf_config.get("torch_dtype")
+  if declared is None:
+    raise ValueError(f"checkpoint has tensors of dtypes {sorted(stored)} and config.json declares none: pass dtype")
+  return jnp.dtype(declared)
+
+
+def _plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+  """Greedy shards in order; a tensor larger than `max_bytes` gets a shard of its own."""
+  shards, current, used = [], [], 0
+  for name, size in sizes:
+    if current and used + size > max_bytes:
+      shards.append(current)
+      current, used = [], 0
+    current.append(name)
+    used += size
+  return shards + [current] if current else shards
+
+
+def _parse_size(size: int | str) -> int:
+  if isinstance(size, int):
+    return size
+  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)\s*", size.upper())
+  if not m:
+    raise ValueError(f"max_shard_size={size!r}: use bytes or e.g. '5GB', '500MiB'")
+  return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{"a": {"b": x}} -> {"a.b": x}."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, v in flat.items():
+    *parents, leaf = path.split(".")
+    node = tree
+    for k in parents:
+      node = node.setdefault(k, {})
+    node[leaf] = v
+  return tree
