@@ -17,7 +17,7 @@ def cross_entropy(logits_BTV, targets_BT, weights_BT=None, *, z_loss: float = 0.
   """Mean weighted cross-entropy plus `z_loss * mean(log Z ** 2)` (PaLM's z-loss; 1e-4 in LLM-jp).
 
   Returns (total loss, metrics dict with `ce`, `z_loss` and the weight sum `tokens`). `weights_BT` is
-  typically 0 on padding and on the last token of each packed document.
+  0 on padding (and wherever a target is not a real next token of the same document).
   """
   logits = logits_BTV.astype(jnp.float32)
   log_z = jax.nn.logsumexp(logits, axis=-1)

@@ -128,9 +128,11 @@ def _block(cfg: ModelConfig, p: Params, x, positions, mask, kv_write: Callable |
     q = layers.apply_rope(q, positions, inv_freq)
     k = layers.apply_rope(k, positions, inv_freq)
   new_kv = (k, v)
-  if kv_write is not None:
+  if kv_write is None:
+    a = layers.causal_attention(q, k, v, mask, cfg.sliding_window)
+  else:
     k, v = kv_write(k, v)
-  a = layers.attention(q, k, v, mask)
+    a = layers.attention(q, k, v, mask)
   a = logical_constraint(a, ("batch", "length", "heads", "head_dim"))
   x = x + layers.dense(a, p["attn"]["o"], "bthe,hed->btd")
   x = logical_constraint(x, BTD)
