@@ -36,8 +36,9 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, rng: jax.Arra
   if params is None:
     params = models.init(cfg, init_rng)
   params = jax.tree.map(lambda p: jnp.asarray(p, cfg.param_dtype), params)
-  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32), "rng": rng,
-          "loss_ema": jnp.zeros((), jnp.float32)}
+  # The RNG is kept as raw key data (uint32) so that checkpoints hold plain arrays.
+  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+          "rng": jax.random.key_data(rng), "loss_ema": jnp.zeros((), jnp.float32)}
 
 
 def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
@@ -111,12 +112,12 @@ def train_step(state: State, batch: dict[str, jax.Array], *, cfg: ModelConfig, t
       "params": keep(new_params, state["params"]),
       "opt_state": keep(new_opt, state["opt_state"]),
       "step": state["step"] + 1,
-      "rng": jax.random.fold_in(state["rng"], state["step"]),
+      "rng": jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])),
       "loss_ema": jnp.where(bad, ema, new_ema),
   }
   metrics.update(grad_norm=grad_norm, lr=schedule(count), skipped=bad.astype(jnp.int32),
                  nonfinite=(~finite).astype(jnp.int32),
-                 first_nonfinite_leaf=jnp.where(finite, -1, jnp.argmin(leaf_finite)))
+                 first_nonfinite_leaf=jnp.where(jnp.all(leaf_finite), -1, jnp.argmin(leaf_finite)))
   return new_state, metrics
 
 

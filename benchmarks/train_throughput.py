@@ -1,0 +1,83 @@
+r"""Train-step throughput and MFU of a small Llama on this machine (issue: training stack).
+
+Llama d_model 512, 8 layers, 8 heads, FFN 1536, vocab 32000, seq 512, batch 8, in f32 and bf16 compute.
+In the same process it measures the machine's matmul peak (a jitted square f32 matmul) and the
+steady-state train step, and prints one JSON line per dtype and a final JSON line with both.
+
+  python benchmarks/train_throughput.py [--steps 5] [--dtypes float32,bfloat16]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jpllm_jax.models import llama  # noqa: E402
+from jpllm_jax.parallel import make_mesh  # noqa: E402
+from jpllm_jax.train import flops  # noqa: E402
+from jpllm_jax.train.optimizer import make_optimizer  # noqa: E402
+from jpllm_jax.train.step import StepConfig, init_state, make_train_step, state_shardings  # noqa: E402
+
+
+def run(dtype: str, steps: int, batch: int, seq: int, peak: float, remat: str) -> dict:
+  cfg = llama.llama2(vocab_size=32000, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_ff=1536,
+                     max_seq_len=seq, dtype=dtype, remat=remat)
+  mesh = make_mesh({"data": -1})
+  tx, schedule = make_optimizer(3e-4, 10, 1000)
+  state = jax.jit(functools.partial(init_state, cfg, tx), out_shardings=state_shardings(cfg, tx, mesh))(
+      jax.random.key(0))
+  step = make_train_step(cfg, tx, schedule, StepConfig(), mesh)
+  rng = np.random.default_rng(0)
+  data = dict(inputs=rng.integers(0, cfg.vocab_size, (batch, seq), dtype=np.int32),
+              targets=rng.integers(0, cfg.vocab_size, (batch, seq), dtype=np.int32),
+              segment_ids=np.ones((batch, seq), np.int32),
+              positions=np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+              weights=np.ones((batch, seq), np.float32))
+  state, m = step(state, data)  # compile
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, m = step(state, data)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+  t = float(np.median(times))
+  tokens = batch * seq
+  model_flops = flops.train_flops_per_token(cfg, seq) * tokens
+  return {"dtype": dtype, "remat": remat, "step_s": round(t, 4), "tokens_per_s": round(tokens / t, 1),
+          "model_tflops": round(model_flops / t / 1e12, 5), "peak_tflops": round(peak / 1e12, 5),
+          "mfu": round(model_flops / t / peak, 4), "loss": round(float(m["loss"]), 4)}
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--seq", type=int, default=512)
+  ap.add_argument("--dtypes", default="float32,bfloat16")
+  ap.add_argument("--remat", default="none")
+  args = ap.parse_args()
+  peak = flops.measure_matmul_peak()
+  results = []
+  for dtype in args.dtypes.split(","):
+    r = run(dtype, args.steps, args.batch, args.seq, peak, args.remat)
+    print(json.dumps(r), flush=True)
+    results.append(r)
+  peak_after = flops.measure_matmul_peak()
+  best = max(results, key=lambda r: r["mfu"])
+  print(json.dumps({"benchmark": "train_throughput", "device": jax.devices()[0].platform,
+                    "peak_tflops_before_after": [round(peak / 1e12, 5), round(peak_after / 1e12, 5)],
+                    "results": results, "tokens_per_s": best["tokens_per_s"], "model_tflops": best["model_tflops"],
+                    "peak_tflops": best["peak_tflops"], "mfu": best["mfu"]}))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,48 @@
+r"""The main job: a small Llama trained from scratch on Japanese Wikipedia text, on CPU.
+
+  python -m experiments.train --config=experiments/configs/default.py --workdir=/tmp/jpllm-default
+
+A SentencePiece tokenizer (8k unigram pieces, byte fallback) is trained on the fly on the training split
+when `data.tokenizer` is empty. Every field can be overridden on the command line, e.g.
+`--config.train.steps=1000 --config.model.d_model=512 --config.mesh.fsdp=-1`.
+"""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+_SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data")
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # ModelConfig fields (jpllm_jax/models/config.py); vocab_size 0 = the tokenizer's, padded to vocab_multiple.
+  c.model = ml_collections.ConfigDict(dict(
+      family="llama", vocab_size=0, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=768,
+      max_seq_len=4096, rope_theta=10000.0, norm_eps=1e-5, init_std=0.02, scaled_out_init=True,
+      scale_embedding=False, tie_embeddings=False, dtype="float32", param_dtype="float32", remat="none"))
+  c.model_vocab_multiple = 128
+  c.init_from_hf = ""  # continual pre-training: an HF directory whose architecture replaces `model`.
+
+  c.data = ml_collections.ConfigDict(dict(
+      # Comma-separated `path[=weight]` sources, mixed by weight (e.g. Japanese and English as in Swallow).
+      sources=os.path.normpath(os.path.join(_SHARED, "text_ja", "pretrain_ja.jsonl")),
+      tokenizer="",  # a SentencePiece .model; empty: train one into <workdir>/tokenizer.
+      tokenizer_vocab_size=8000,
+      seq_len=256,
+      val_fraction=0.05,
+  ))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=300, batch_size=16, micro_batches=1, log_every=10, eval_every=50, eval_batches=4,
+      checkpoint_every=100, keep_checkpoints=3, async_checkpoint=True,
+      stop_after=0,  # > 0: leave the loop after this step (the schedule still spans `steps`), with a checkpoint.
+      max_bad_steps=5, spike_factor=0.0, peak_tflops=0.0,  # 0: measure the matmul peak at start-up.
+  ))
+  # The LLM-jp recipe (jpllm_jax/train/optimizer.py); warm-up is 2000 steps in the full-size presets.
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=3e-3, warmup_steps=30, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
+      z_loss=1e-4))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  return c

@@ -1,0 +1,233 @@
+"""The training loop: tokenizer, model, mesh, data, checkpoints, guard and logs, from one ConfigDict.
+
+`train(config, workdir)` is what `python -m experiments.train` runs; the same code runs on one CPU and on
+many hosts (each process feeds its shard of the global batch).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from jpllm_jax import models
+from jpllm_jax.data import pipeline
+from jpllm_jax.models.config import ModelConfig
+from jpllm_jax.parallel import DEFAULT_RULES, check_model_fits_mesh, make_mesh
+from jpllm_jax.tokenizer import load_tokenizer
+from jpllm_jax.tokenizer.train import train_sentencepiece
+from jpllm_jax.train import flops
+from jpllm_jax.train.checkpointing import TrainCheckpointer
+from jpllm_jax.train.metrics import MetricsLogger
+from jpllm_jax.train.optimizer import make_optimizer
+from jpllm_jax.train.step import (BATCH_KEYS, StepConfig, batch_sharding, init_state, make_eval_step,
+                                  make_train_step, nonfinite_leaf_name, state_shardings)
+
+
+class TrainingDiverged(RuntimeError):
+  """Raised after `max_bad_steps` consecutive skipped steps."""
+
+
+def parse_sources(spec: str) -> list[tuple[list[str], float]]:
+  """`"a.jsonl=0.7,b.jsonl=0.3"` -> [(["a.jsonl"], 0.7), (["b.jsonl"], 0.3)]; a missing weight is 1."""
+  sources = []
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    path, _, weight = part.partition("=")
+    sources.append(([path], float(weight) if weight else 1.0))
+  if not sources:
+    raise ValueError("config.data.sources is empty")
+  for paths, _ in sources:
+    if not os.path.exists(paths[0]):
+      raise FileNotFoundError(f"data source {paths[0]} does not exist")
+  return sources
+
+
+def prepare_tokenizer(config, workdir: pathlib.Path):
+  """The configured SentencePiece model, or one trained on the training sources (by process 0)."""
+  if config.data.tokenizer:
+    return load_tokenizer(config.data.tokenizer), config.data.tokenizer
+  out = workdir / "tokenizer" / "spm"
+  path = str(out) + ".model"
+  if jax.process_index() == 0 and not os.path.exists(path):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    files = [p for paths, _ in parse_sources(config.data.sources) for p in paths]
+    logging.info("training a %d-piece tokenizer on %s", config.data.tokenizer_vocab_size, files)
+    train_sentencepiece(files, str(out), config.data.tokenizer_vocab_size)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("tokenizer")
+  return load_tokenizer(path), path
+
+
+def build_model_config(config, vocab_size: int) -> tuple[ModelConfig, Any]:
+  """The ModelConfig (and HF params for continual pre-training) for this run."""
+  if config.init_from_hf:
+    from jpllm_jax import hf
+    cfg, params = hf.load_pretrained(config.init_from_hf, dtype=config.model.param_dtype)
+    cfg = cfg.replace(dtype=config.model.dtype, remat=config.model.remat)
+    if cfg.vocab_size < vocab_size:
+      raise ValueError(f"the tokenizer has {vocab_size} pieces but the HF model only {cfg.vocab_size} rows; "
+                       "expand the model's vocabulary first")
+    return cfg, params
+  fields = dict(config.model)
+  if not fields.get("vocab_size"):
+    m = config.model_vocab_multiple
+    fields["vocab_size"] = int(math.ceil(vocab_size / m) * m)
+  return ModelConfig(**fields), None
+
+
+def _to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+  return {k: jax.make_array_from_process_local_data(sharding, batch[k]) for k in BATCH_KEYS}
+
+
+def evaluate(eval_step, params, make_iter, sharding, max_batches: int) -> float:
+  ce, n = 0.0, 0.0
+  for i, batch in enumerate(make_iter()):
+    if i >= max_batches:
+      break
+    c, t = eval_step(params, _to_global(batch, sharding))
+    ce, n = ce + float(c), n + float(t)
+  return ce / max(n, 1.0)
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag checked between steps (agreed on by all processes)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def should_stop(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    flags = multihost_utils.process_allgather(np.array([self.requested]))
+    return bool(np.any(flags))
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config, workdir: str) -> dict[str, Any]:
+  """Trains for `config.train.steps` steps (resuming from the latest checkpoint); returns the last log."""
+  workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  tc = config.train
+  sp, tokenizer_path = prepare_tokenizer(config, workdir)
+  cfg, hf_params = build_model_config(config, sp.vocab_size())
+
+  mesh = make_mesh(dict(config.mesh))
+  check_model_fits_mesh(cfg, mesh, DEFAULT_RULES)
+  if tc.batch_size % (tc.micro_batches * jax.process_count()):
+    raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by micro_batches x processes "
+                     f"({tc.micro_batches} x {jax.process_count()})")
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  if tc.batch_size % dp:
+    raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the data-parallel size {dp} "
+                     "(mesh data x fsdp)")
+  local_batch = tc.batch_size // jax.process_count()
+  tx, schedule = make_optimizer(config.optim.lr, config.optim.warmup_steps, tc.steps, config.optim.min_lr_ratio,
+                                config.optim.b1, config.optim.b2, config.optim.eps, config.optim.weight_decay,
+                                config.optim.clip_norm)
+  step_cfg = StepConfig(z_loss=config.optim.z_loss, micro_batches=tc.micro_batches, spike_factor=tc.spike_factor)
+  shardings = state_shardings(cfg, tx, mesh, DEFAULT_RULES)
+  init_fn = jax.jit(functools.partial(init_state, cfg, tx), out_shardings=shardings)
+  rng = jax.random.key(config.seed)
+  if hf_params is not None:
+    params = jax.device_put(hf_params, shardings["params"])
+    state = jax.jit(functools.partial(init_state, cfg, tx), out_shardings=shardings)(rng, params)
+  else:
+    state = init_fn(rng)
+
+  data_kwargs = dict(sources=parse_sources(config.data.sources), tokenizer=sp, seq_len=config.data.seq_len,
+                     batch_size=local_batch, seed=config.seed, val_fraction=config.data.val_fraction)
+  train_iter = pipeline.make_iterator(split="train", **data_kwargs)
+  make_val_iter = lambda: pipeline.make_iterator(split="validation", **data_kwargs)
+
+  ckpt = TrainCheckpointer(workdir / "checkpoints", cfg, save_every=tc.checkpoint_every,
+                           keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
+  start = ckpt.latest_step()
+  if start is not None:
+    state = ckpt.restore(start, state, train_iter)
+    logging.info("resumed from step %d", start)
+  start = int(state["step"])
+
+  step_fn = make_train_step(cfg, tx, schedule, step_cfg, mesh, DEFAULT_RULES)
+  eval_step = make_eval_step(cfg, mesh, DEFAULT_RULES)
+  bsh = batch_sharding(mesh, DEFAULT_RULES)
+  flops_per_token = flops.train_flops_per_token(cfg, config.data.seq_len)
+  peak = tc.peak_tflops * 1e12 if tc.peak_tflops else flops.measure_matmul_peak() * jax.device_count()
+  logger = MetricsLogger(workdir)
+  if start == 0:
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+    logging.info("model %s, %.2fM params, %.3g FLOPs/token, peak %.3g FLOP/s, mesh %s, tokenizer %s",
+                 cfg.family, n_params / 1e6, flops_per_token, peak, dict(mesh.shape), tokenizer_path)
+
+  preempt = _Preemption()
+  bad_streak, last = 0, {}
+  window_tokens, window_start = 0.0, time.perf_counter()
+  pending = None  # metrics of the previous step, checked one step late so that dispatch stays async.
+  try:
+    stop = min(tc.steps, tc.stop_after) if tc.get("stop_after") else tc.steps
+    for step in range(start, stop):
+      batch = _to_global(next(train_iter), bsh)
+      state, metrics = step_fn(state, batch)
+      if pending is not None:
+        bad_streak = _check_guard(cfg, *pending, bad_streak, tc.max_bad_steps)
+      pending = (step, metrics)
+      window_tokens += config.data.seq_len * tc.batch_size
+      done = step + 1
+      if done % tc.log_every == 0 or done == tc.steps:
+        metrics = jax.device_get(metrics)
+        elapsed = time.perf_counter() - window_start
+        tps = window_tokens / elapsed
+        last = {k: float(metrics[k]) for k in ("loss", "ce", "z_loss", "grad_norm", "lr")}
+        last.update(skipped=int(metrics["skipped"]), tokens_per_s=tps,
+                    model_tflops=tps * flops_per_token / 1e12, mfu=tps * flops_per_token / peak,
+                    tokens_seen=done * config.data.seq_len * tc.batch_size)
+        if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
+          last["val_loss"] = evaluate(eval_step, state["params"], make_val_iter, bsh, tc.eval_batches)
+        logger.write(done, last)
+        window_tokens, window_start = 0.0, time.perf_counter()
+      ckpt.save(done, state, train_iter)
+      if preempt.should_stop():
+        logging.warning("SIGTERM: saving step %d and stopping", done)
+        ckpt.save(done, state, train_iter, force=True)
+        break
+    if pending is not None:
+      _check_guard(cfg, *pending, bad_streak, tc.max_bad_steps)
+  finally:
+    preempt.restore()
+    ckpt.close()
+    logger.close()
+  return last
+
+
+def _check_guard(cfg: ModelConfig, step: int, metrics, bad_streak: int, max_bad: int) -> int:
+  """Logs a skipped step; raises after `max_bad` consecutive ones, naming the first non-finite tensor."""
+  if not int(metrics["skipped"]):
+    return 0
+  bad_streak += 1
+  leaf = int(metrics["first_nonfinite_leaf"])
+  if not int(metrics["nonfinite"]):
+    what = f"loss spike ({float(metrics['loss']):.4f})"
+  elif leaf >= 0:
+    what = f"non-finite gradient, first in params{nonfinite_leaf_name(cfg, leaf)}"
+  else:
+    what = f"non-finite loss ({float(metrics['loss'])})"
+  logging.warning("step %d skipped: %s (%d in a row)", step + 1, what, bad_streak)
+  if bad_streak >= max_bad:
+    raise TrainingDiverged(f"{bad_streak} consecutive bad steps, the last at step {step + 1}: {what}")
+  return bad_streak
