@@ -89,12 +89,14 @@ def _to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
   return {k: jax.make_array_from_process_local_data(sharding, batch[k]) for k in BATCH_KEYS}
 
 
-def evaluate(eval_step, params, make_iter, sharding, max_batches: int) -> float:
+def evaluate(eval_step, params, make_iter, sharding, max_batches: int, local_shape: tuple[int, int]) -> float:
+  """Mean validation loss over exactly `max_batches` global batches. A host whose split runs out feeds
+  empty (zero-weight) batches, so every process makes the same number of collective calls."""
+  empty = {k: np.zeros(local_shape, np.float32 if k == "weights" else np.int32) for k in BATCH_KEYS}
+  it = iter(make_iter())
   ce, n = 0.0, 0.0
-  for i, batch in enumerate(make_iter()):
-    if i >= max_batches:
-      break
-    c, t = eval_step(params, _to_global(batch, sharding))
+  for _ in range(max_batches):
+    c, t = eval_step(params, _to_global(next(it, empty), sharding))
     ce, n = ce + float(c), n + float(t)
   return ce / max(n, 1.0)
 
@@ -198,7 +200,8 @@ def train(config, workdir: str) -> dict[str, Any]:
                     model_tflops=tps * flops_per_token / 1e12, mfu=tps * flops_per_token / peak,
                     tokens_seen=done * config.data.seq_len * tc.batch_size)
         if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
-          last["val_loss"] = evaluate(eval_step, state["params"], make_val_iter, bsh, tc.eval_batches)
+          last["val_loss"] = evaluate(eval_step, state["params"], make_val_iter, bsh, tc.eval_batches,
+                                      (local_batch, config.data.seq_len))
         logger.write(done, last)
         window_tokens, window_start = 0.0, time.perf_counter()
       ckpt.save(done, state, train_iter)
