@@ -2,7 +2,7 @@ r"""The main job: a small Llama trained from scratch on Japanese Wikipedia text,
 
   python -m experiments.train --config=experiments/configs/default.py --workdir=/tmp/jpllm-default
 
-A SentencePiece tokenizer (8k unigram pieces, byte fallback) is trained on the fly on the training split
+A SentencePiece tokenizer (8k unigram pieces, byte fallback) is trained on the fly on the source files
 when `data.tokenizer` is empty. Every field can be overridden on the command line, e.g.
 `--config.train.steps=1000 --config.model.d_model=512 --config.mesh.fsdp=-1`.
 """

@@ -51,6 +51,8 @@ class TrainCheckpointer:
 
   def save(self, step: int, state: dict[str, Any], iterator, *, force: bool = False) -> bool:
     """Saves if `step` is on the save interval (or `force`); returns whether a save started."""
+    if not force and not self.manager.should_save(step):
+      return False  # called every step: take no iterator snapshot unless saving.
     rest = {k: v for k, v in state.items() if k != "params"}
     args = ocp.args.Composite(params=ocp.args.PyTreeSave(state["params"]),
                               train_state=ocp.args.PyTreeSave(rest),

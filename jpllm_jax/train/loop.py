@@ -5,7 +5,6 @@ many hosts (each process feeds its shard of the global batch).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os
@@ -15,12 +14,10 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from jpllm_jax import models
 from jpllm_jax.data import pipeline
 from jpllm_jax.models.config import ModelConfig
 from jpllm_jax.parallel import DEFAULT_RULES, check_model_fits_mesh, make_mesh
@@ -53,7 +50,8 @@ def parse_sources(spec: str) -> list[tuple[list[str], float]]:
 
 
 def prepare_tokenizer(config, workdir: pathlib.Path):
-  """The configured SentencePiece model, or one trained on the training sources (by process 0)."""
+  """The configured SentencePiece model, or one trained by process 0 on the source files (validation
+  documents included: the split is by document inside the files)."""
   if config.data.tokenizer:
     return load_tokenizer(config.data.tokenizer), config.data.tokenizer
   out = workdir / "tokenizer" / "spm"
@@ -147,11 +145,8 @@ def train(config, workdir: str) -> dict[str, Any]:
   shardings = state_shardings(cfg, tx, mesh, DEFAULT_RULES)
   init_fn = jax.jit(functools.partial(init_state, cfg, tx), out_shardings=shardings)
   rng = jax.random.key(config.seed)
-  if hf_params is not None:
-    params = jax.device_put(hf_params, shardings["params"])
-    state = jax.jit(functools.partial(init_state, cfg, tx), out_shardings=shardings)(rng, params)
-  else:
-    state = init_fn(rng)
+  params = None if hf_params is None else jax.device_put(hf_params, shardings["params"])
+  state = init_fn(rng, params)
 
   data_kwargs = dict(sources=parse_sources(config.data.sources), tokenizer=sp, seq_len=config.data.seq_len,
                      batch_size=local_batch, seed=config.seed, val_fraction=config.data.val_fraction)
