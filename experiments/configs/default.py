@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
       tokenizer_vocab_size=8000,
       seq_len=256,
       val_fraction=0.05,
+      shards=0,  # data shards (0: one per process); the same value gives the same batches on any host count.
   ))
   c.train = ml_collections.ConfigDict(dict(
       steps=300, batch_size=16, micro_batches=1, log_every=10, eval_every=50, eval_batches=4,

@@ -11,6 +11,7 @@ Stages, each a grain building block:
   -> split into (input, target) chunks of <= seq_len pairs     (grain.experimental.FlatMapIterDataset)
   -> first-fit pack into rows of seq_len                       (grain.experimental.FirstFitPackIterDataset)
   -> batch, padding a last partial batch with empty rows       (IterDataset.batch)
+  -> one process reading several shards: rows side by side     (ShardsIterator)
 
 Inputs and targets are shifted per document *before* packing, so no target crosses a document boundary and
 every real position has weight 1. A document of L tokens gives its L - 1 (input, target) pairs exactly once
@@ -219,6 +220,75 @@ def make_iterator(sources: SourceSpec | Sequence[SourceSpec], tokenizer: spm.Sen
                   **kwargs: Any) -> grain.DatasetIterator:
   """`iter(make_dataset(...))`: yields batches; supports `get_state()` / `set_state()` for exact resume."""
   return iter(make_dataset(sources, tokenizer, **kwargs))
+
+
+class ShardsIterator:
+  """Batches of several data shards read side by side: rows of shard `shards[0]` first, then the next.
+
+  A process that owns shards k..k+m-1 of n feeds the same global batch rows as m processes with one
+  shard each, so a run gives the same batches (and losses) on 1 host as on m hosts (`data.shards` in
+  the training config). A finite split ends when every shard has ended; shards that end earlier give
+  empty rows (segment id 0, weight 0). Resumable like a grain iterator: `get_state()` / `set_state()`.
+  """
+
+  def __init__(self, sources: SourceSpec | Sequence[SourceSpec], tokenizer: spm.SentencePieceProcessor, *,
+               shards: Sequence[int], shard_count: int, batch_size: int, seq_len: int, **kwargs: Any):
+    if not shards or batch_size % len(shards):
+      raise ValueError(f"batch_size {batch_size} must be a positive multiple of the {len(shards)} local shards")
+    self.rows = batch_size // len(shards)
+    self.seq_len = seq_len
+    self.iterators = [make_iterator(sources, tokenizer, shard_index=k, shard_count=shard_count,
+                                    batch_size=self.rows, seq_len=seq_len, **kwargs) for k in shards]
+    self._ended = [False] * len(self.iterators)
+
+  def __iter__(self) -> "ShardsIterator":
+    return self
+
+  def _empty(self) -> dict[str, np.ndarray]:
+    shape = (self.rows, self.seq_len)
+    return {k: np.zeros(shape, np.float32 if k == "weights" else np.int32) for k in BATCH_KEYS}
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = []
+    for i, it in enumerate(self.iterators):
+      if not self._ended[i]:
+        try:
+          parts.append(next(it))
+          continue
+        except StopIteration:
+          self._ended[i] = True
+      parts.append(self._empty())
+    if all(self._ended):
+      raise StopIteration
+    return {k: np.concatenate([p[k] for p in parts]) for k in BATCH_KEYS}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"shards": [it.get_state() for it in self.iterators], "ended": list(self._ended)}
+
+  def set_state(self, state: bytes | str | dict[str, Any]) -> None:
+    if isinstance(state, (bytes, str)):
+      state = json.loads(state)
+    if len(state["shards"]) != len(self.iterators):
+      raise ValueError(f"the saved data state has {len(state['shards'])} shards, this process reads "
+                       f"{len(self.iterators)}: resume with the same data.shards and process count")
+    for it, s in zip(self.iterators, state["shards"]):
+      it.set_state(s)
+    self._ended = list(state["ended"])
+
+  def start_prefetch(self) -> None:  # called by grain.checkpoint.CheckpointRestore.
+    for it in self.iterators:
+      if hasattr(it, "start_prefetch"):
+        it.start_prefetch()
+
+
+def local_shards(shard_count: int | None = None) -> list[int]:
+  """The data shards this process reads: `shard_count` (default: one per process) split evenly in order."""
+  n, k = jax.process_count(), jax.process_index()
+  shard_count = shard_count or n
+  if shard_count % n:
+    raise ValueError(f"data.shards={shard_count} must be a multiple of the process count {n}")
+  per = shard_count // n
+  return list(range(k * per, (k + 1) * per))
 
 
 def state_to_bytes(iterator: grain.DatasetIterator) -> bytes:

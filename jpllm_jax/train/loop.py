@@ -148,10 +148,14 @@ def train(config, workdir: str) -> dict[str, Any]:
   params = None if hf_params is None else jax.device_put(hf_params, shardings["params"])
   state = init_fn(rng, params)
 
+  # Data shards are independent of the process count: a run reads the same global batches on 1 host as on
+  # `data.shards` hosts (each process reads its shards side by side).
+  shard_count = config.data.get("shards") or jax.process_count()
   data_kwargs = dict(sources=parse_sources(config.data.sources), tokenizer=sp, seq_len=config.data.seq_len,
-                     batch_size=local_batch, seed=config.seed, val_fraction=config.data.val_fraction)
-  train_iter = pipeline.make_iterator(split="train", **data_kwargs)
-  make_val_iter = lambda: pipeline.make_iterator(split="validation", **data_kwargs)
+                     batch_size=local_batch, seed=config.seed, val_fraction=config.data.val_fraction,
+                     shards=pipeline.local_shards(shard_count), shard_count=shard_count)
+  train_iter = pipeline.ShardsIterator(split="train", **data_kwargs)
+  make_val_iter = lambda: pipeline.ShardsIterator(split="validation", **data_kwargs)
 
   ckpt = TrainCheckpointer(workdir / "checkpoints", cfg, save_every=tc.checkpoint_every,
                            keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
@@ -173,7 +177,7 @@ def train(config, workdir: str) -> dict[str, Any]:
                  cfg.family, n_params / 1e6, flops_per_token, peak, dict(mesh.shape), tokenizer_path)
 
   preempt = _Preemption()
-  bad_streak, last = 0, {}
+  bad_streak, skipped_total, last = 0, 0, {}
   window_tokens, window_start = 0.0, time.perf_counter()
   pending = None  # metrics of the previous step, checked one step late so that dispatch stays async.
   try:
@@ -183,6 +187,7 @@ def train(config, workdir: str) -> dict[str, Any]:
       state, metrics = step_fn(state, batch)
       if pending is not None:
         bad_streak = _check_guard(cfg, *pending, bad_streak, tc.max_bad_steps)
+        skipped_total += bad_streak > 0
       pending = (step, metrics)
       window_tokens += config.data.seq_len * tc.batch_size
       done = step + 1
@@ -191,7 +196,8 @@ def train(config, workdir: str) -> dict[str, Any]:
         elapsed = time.perf_counter() - window_start
         tps = window_tokens / elapsed
         last = {k: float(metrics[k]) for k in ("loss", "ce", "z_loss", "grad_norm", "lr")}
-        last.update(skipped=int(metrics["skipped"]), tokens_per_s=tps,
+        last.update(skipped=int(metrics["skipped"]), skipped_total=skipped_total + int(metrics["skipped"]),
+                    tokens_per_s=tps,
                     model_tflops=tps * flops_per_token / 1e12, mfu=tps * flops_per_token / peak,
                     tokens_seen=done * config.data.seq_len * tc.batch_size)
         if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):

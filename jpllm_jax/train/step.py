@@ -95,7 +95,7 @@ def train_step(state: State, batch: dict[str, jax.Array], *, cfg: ModelConfig, t
   parameters and optimizer state stay as they were and `skipped` is 1 in the metrics."""
   metrics, grads = loss_and_grads(cfg, state["params"], batch, z_loss=step_cfg.z_loss,
                                   micro_batches=step_cfg.micro_batches)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
   finite = jnp.isfinite(metrics["loss"]) & jnp.all(leaf_finite)
   ema = state["loss_ema"]
