@@ -11,9 +11,9 @@ from typing import Any, Callable
 
 from jpllm_jax.models import gpt, llama, mistral, qwen2
 from jpllm_jax.models.config import ModelConfig
-from jpllm_jax.models.loss import cross_entropy
-from jpllm_jax.models.transformer import (forward, forward_cached, init, init_cache, param_axes, param_shapes,
-                                          param_specs)
+from jpllm_jax.models.loss import cross_entropy, fused_cross_entropy, token_log_probs
+from jpllm_jax.models.transformer import (forward, forward_cached, head, hidden, init, init_cache, param_axes,
+                                          param_shapes, param_specs)
 
 PRESETS: dict[str, Callable[..., ModelConfig]] = {**llama.PRESETS, **mistral.PRESETS, **qwen2.PRESETS,
                                                   **gpt.PRESETS}
@@ -26,5 +26,5 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
   return PRESETS[name](**overrides)
 
 
-__all__ = ["ModelConfig", "PRESETS", "cross_entropy", "forward", "forward_cached", "init", "init_cache",
-           "param_axes", "param_shapes", "param_specs", "preset"]
+__all__ = ["ModelConfig", "PRESETS", "cross_entropy", "forward", "forward_cached", "fused_cross_entropy", "head",
+           "hidden", "init", "init_cache", "param_axes", "param_shapes", "param_specs", "preset", "token_log_probs"]

@@ -157,14 +157,17 @@ def _embed(cfg: ModelConfig, params: Params, tokens, positions, dtype):
   return logical_constraint(x, BTD)
 
 
-def _logits(cfg: ModelConfig, params: Params, x, dtype):
-  x = layers.norm(cfg, params["final_norm"], x)
+def head(cfg: ModelConfig, params: Params, dtype) -> tuple[jax.Array, str]:
+  """The output projection in the compute dtype and its einsum layout: [D, V] ("dv") or, with tied
+  embeddings, the embedding table [V, D] ("vd")."""
   if cfg.tie_embeddings:
-    w = params["embed"]["embedding"].astype(dtype)
-    logits = jnp.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32)
-  else:
-    w = params["lm_head"]["kernel"].astype(dtype)
-    logits = jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)
+    return params["embed"]["embedding"].astype(dtype), "vd"
+  return params["lm_head"]["kernel"].astype(dtype), "dv"
+
+
+def _logits(cfg: ModelConfig, params: Params, x, dtype):
+  w, layout = head(cfg, params, dtype)
+  logits = jnp.einsum(f"btd,{layout}->btv", x, w, preferred_element_type=jnp.float32)
   return logical_constraint(logits, ("batch", "length", "vocab"))
 
 
@@ -201,6 +204,13 @@ def forward(cfg: ModelConfig, params: Params, tokens, *, positions=None, segment
   `segment_ids` [B, T]: tokens attend only within their own segment (packed documents); 0 is padding.
   `positions` [B, T]: position of each token in its document (restart at 0 for each packed document).
   """
+  x = hidden(cfg, params, tokens, positions=positions, segment_ids=segment_ids)
+  return _logits(cfg, params, x, jnp.dtype(cfg.dtype))
+
+
+def hidden(cfg: ModelConfig, params: Params, tokens, *, positions=None, segment_ids=None):
+  """The final-normed hidden states [B, T, D] (compute dtype) that `head` projects to logits. Training
+  takes these to `models.fused_cross_entropy`, which never holds the [B, T, V] logits at once."""
   dtype = jnp.dtype(cfg.dtype)
   positions, segment_ids = _default_inputs(tokens, positions, segment_ids)
   index = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -213,7 +223,7 @@ def forward(cfg: ModelConfig, params: Params, tokens, *, positions=None, segment
     return x, None
 
   x, _ = jax.lax.scan(_remat(cfg, body), x, params["layers"])
-  return _logits(cfg, params, x, dtype)
+  return layers.norm(cfg, params["final_norm"], x)
 
 
 # ----------------------------------------------------------------------------------------- KV cache
@@ -256,5 +266,5 @@ def forward_cached(cfg: ModelConfig, params: Params, tokens, cache: dict[str, ja
     return x, (written["k"], written["v"])
 
   x, (k_all, v_all) = jax.lax.scan(body, x, (params["layers"], cache["k"], cache["v"]))
-  logits = _logits(cfg, params, x, dtype)
+  logits = _logits(cfg, params, layers.norm(cfg, params["final_norm"], x), dtype)
   return logits, {"k": k_all, "v": v_all, "segment_ids": kv_segments}

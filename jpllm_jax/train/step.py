@@ -29,6 +29,7 @@ class StepConfig:
   micro_batches: int = 1  # gradient accumulation: the global batch is split into this many parts.
   spike_factor: float = 0.0  # > 0: skip a step whose loss exceeds spike_factor x the running mean.
   ema_decay: float = 0.99
+  loss_chunk: int = 512  # tokens per chunk of the fused output head + loss; 0: materialise the logits.
 
 
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array, params=None) -> State:
@@ -61,25 +62,34 @@ def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("batch", "length"), rules))
 
 
-def _loss_sums(cfg: ModelConfig, params, batch, z_loss: float):
-  """Summed (not averaged) cross-entropy and z-loss over a batch, so micro-batches add up exactly."""
-  logits = models.forward(cfg, params, batch["inputs"], positions=batch["positions"],
-                          segment_ids=batch["segment_ids"])
-  _, m = models.cross_entropy(logits, batch["targets"], batch["weights"], z_loss=z_loss)
+def _loss_sums(cfg: ModelConfig, params, batch, z_loss: float, loss_chunk: int):
+  """Summed (not averaged) cross-entropy and z-loss over a batch, so micro-batches add up exactly.
+  `loss_chunk` > 0: tokens per chunk of the fused head + loss (`models.fused_cross_entropy`); 0: logits."""
+  kwargs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
+  if loss_chunk:
+    x = models.hidden(cfg, params, batch["inputs"], **kwargs)
+    w, layout = models.head(cfg, params, x.dtype)
+    total, m = models.fused_cross_entropy(x, w, layout, batch["targets"], batch["weights"], z_loss=z_loss,
+                                          chunk_tokens=loss_chunk)
+  else:
+    logits = models.forward(cfg, params, batch["inputs"], **kwargs)
+    total, m = models.cross_entropy(logits, batch["targets"], batch["weights"], z_loss=z_loss)
   n = m["tokens"]
-  return (m["ce"] + z_loss * m["z_loss"]) * n, (m["ce"] * n, m["z_loss"] * n, n)
+  return total * n, (m["ce"] * n, m["z_loss"] * n, n)
 
 
-def loss_and_grads(cfg: ModelConfig, params, batch, *, z_loss: float, micro_batches: int):
+def loss_and_grads(cfg: ModelConfig, params, batch, *, z_loss: float, micro_batches: int,
+                   loss_chunk: int = 512):
   """Token-weighted mean loss and its gradients, accumulated over `micro_batches` in a scan."""
-  grad_fn = jax.value_and_grad(functools.partial(_loss_sums, cfg), has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(_loss_sums, cfg, z_loss=z_loss, loss_chunk=loss_chunk),
+                               has_aux=True)
   if micro_batches == 1:
-    (_, (ce, zl, n)), grads = grad_fn(params, batch, z_loss)
+    (_, (ce, zl, n)), grads = grad_fn(params, batch)
   else:
     split = jax.tree.map(lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]), batch)
 
     def body(acc, mb):
-      (_, sums), g = grad_fn(params, mb, z_loss)
+      (_, sums), g = grad_fn(params, mb)
       return jax.tree.map(jnp.add, acc, (g, sums)), None
 
     zeros = (jax.tree.map(jnp.zeros_like, params), (jnp.float32(0), jnp.float32(0), jnp.float32(0)))
@@ -94,7 +104,7 @@ def train_step(state: State, batch: dict[str, jax.Array], *, cfg: ModelConfig, t
   """One optimiser step. A step whose loss or gradients are not finite, or whose loss spikes, is skipped:
   parameters and optimizer state stay as they were and `skipped` is 1 in the metrics."""
   metrics, grads = loss_and_grads(cfg, state["params"], batch, z_loss=step_cfg.z_loss,
-                                  micro_batches=step_cfg.micro_batches)
+                                  micro_batches=step_cfg.micro_batches, loss_chunk=step_cfg.loss_chunk)
   grad_norm = optax.tree.norm(grads)
   leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
   finite = jnp.isfinite(metrics["loss"]) & jnp.all(leaf_finite)
@@ -134,11 +144,11 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule
   return jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
 
 
-def make_eval_step(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+def make_eval_step(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES, loss_chunk: int = 512):
   """Jitted summed validation loss of a batch: returns (ce_sum, tokens)."""
   def evaluate(params, batch):
     with axis_rules(mesh, rules):
-      _, (ce, _, n) = _loss_sums(cfg, params, batch, 0.0)
+      _, (ce, _, n) = _loss_sums(cfg, params, batch, 0.0, loss_chunk)
     return ce, n
 
   return jax.jit(evaluate)
