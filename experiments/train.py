@@ -13,6 +13,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jpllm_jax import cpu
 from jpllm_jax.parallel import initialize_distributed
 
 config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "Training config (a Python file).")
@@ -33,4 +34,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  cpu.use_huge_pages()  # re-executes with glibc huge pages for XLA's buffers (JPLLM_NO_HUGE_PAGES=1: off).
   app.run(main)

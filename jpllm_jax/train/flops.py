@@ -26,7 +26,7 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.n_heads * cfg.dim_per_head * seq_len
 
 
-def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
+def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:
   """Sustained FLOP/s of a jitted square matmul on the default device (the MFU denominator when no peak
   is configured). Measured in the same process as the step it is compared with: these machines are noisy."""
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
