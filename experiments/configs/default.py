@@ -36,14 +36,14 @@ def get_config() -> ml_collections.ConfigDict:
       shards=0,  # data shards (0: one per process); the same value gives the same batches on any host count.
   ))
   c.train = ml_collections.ConfigDict(dict(
-      steps=300, batch_size=16, micro_batches=1, log_every=10, eval_every=50, eval_batches=4,
-      checkpoint_every=100, keep_checkpoints=3, async_checkpoint=True,
+      steps=200, batch_size=16, micro_batches=1, log_every=10, eval_every=25, eval_batches=4,
+      checkpoint_every=50, keep_checkpoints=3, async_checkpoint=True,
       stop_after=0,  # > 0: leave the loop after this step (the schedule still spans `steps`), with a checkpoint.
       max_bad_steps=5, spike_factor=0.0, peak_tflops=0.0,  # 0: measure the matmul peak at start-up.
   ))
   # The LLM-jp recipe (jpllm_jax/train/optimizer.py); warm-up is 2000 steps in the full-size presets.
   c.optim = ml_collections.ConfigDict(dict(
-      lr=3e-3, warmup_steps=30, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
+      lr=3e-3, warmup_steps=20, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
       z_loss=1e-4))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   return c

@@ -191,7 +191,8 @@ def train(config, workdir: str) -> dict[str, Any]:
       pending = (step, metrics)
       window_tokens += config.data.seq_len * tc.batch_size
       done = step + 1
-      if done % tc.log_every == 0 or done == tc.steps:
+      eval_due = tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps)
+      if done % tc.log_every == 0 or done == tc.steps or eval_due:
         metrics = jax.device_get(metrics)
         elapsed = time.perf_counter() - window_start
         tps = window_tokens / elapsed
@@ -200,7 +201,7 @@ def train(config, workdir: str) -> dict[str, Any]:
                     tokens_per_s=tps,
                     model_tflops=tps * flops_per_token / 1e12, mfu=tps * flops_per_token / peak,
                     tokens_seen=done * config.data.seq_len * tc.batch_size)
-        if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
+        if eval_due:
           last["val_loss"] = evaluate(eval_step, state["params"], make_val_iter, bsh, tc.eval_batches,
                                       (local_batch, config.data.seq_len))
         logger.write(done, last)
