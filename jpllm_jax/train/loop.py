@@ -206,7 +206,7 @@ def train(config, workdir: str) -> dict[str, Any]:
                                       (local_batch, config.data.seq_len))
         logger.write(done, last)
         window_tokens, window_start = 0.0, time.perf_counter()
-      ckpt.save(done, state, train_iter)
+      ckpt.save(done, state, train_iter, force=done == stop)  # and always the last step of the run.
       if preempt.should_stop():
         logging.warning("SIGTERM: saving step %d and stopping", done)
         ckpt.save(done, state, train_iter, force=True)

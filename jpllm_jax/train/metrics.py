@@ -50,7 +50,7 @@ def _plain(v):
     v = v.item()
   except AttributeError:
     pass
-  return round(v, 6) if isinstance(v, float) else v
+  return float(f"{v:.8g}") if isinstance(v, float) else v  # 8 significant digits (lr can be 1e-7)
 
 
 _FORMATS = (("loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("lr", "lr {:.2e}"), ("grad_norm", "gnorm {:.3f}"),
