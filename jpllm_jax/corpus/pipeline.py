@@ -193,7 +193,7 @@ def filter_shard(index: int, path: str, out_dir: str, config: CorpusConfig) -> d
     if doc is not None:
       keys.append(minhash.band_keys(minhash.signature(doc["text"], config.minhash), config.minhash))
       docs.append(doc)
-    if time.perf_counter() - last_log > 30:
+    if time.perf_counter() - last_log > 10:
       last_log = time.perf_counter()
       pages = stats.stages["lang_pre"]["in"]
       logging.info("%s: %d pages, %.0f pages/s, kept %.1f%%", name, pages, pages / (last_log - t0),
