@@ -48,6 +48,7 @@ import numpy as np
 import sentencepiece as spm
 
 from jpllm_jax.data.jsonl import JsonlSource, _paths
+from jpllm_jax.data.token_shards import TokenSource, is_token_dir
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
 SPLITS = ("train", "validation")
@@ -77,8 +78,12 @@ def _indexed(paths_sizes_mtimes: tuple[tuple[str, int, int], ...]) -> JsonlSourc
   return JsonlSource([p for p, _, _ in paths_sizes_mtimes])
 
 
-def open_source(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> JsonlSource:
-  """The indexed `JsonlSource` of `paths`, cached while the files are unchanged (see its `stats`)."""
+def open_source(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> JsonlSource | TokenSource:
+  """The indexed `JsonlSource` of `paths`, cached while the files are unchanged (see its `stats`), or the
+  `TokenSource` of a pre-tokenised directory (token_shards.py)."""
+  paths = _paths(paths)
+  if len(paths) == 1 and is_token_dir(paths[0]):
+    return TokenSource(paths[0])
   key = []
   for p in _paths(paths):
     st = os.stat(p)
@@ -157,6 +162,8 @@ class _Tokenize:
       raise ValueError(f"the tokenizer needs bos and eos pieces (bos_id={self.bos}, eos_id={self.eos})")
 
   def __call__(self, doc: dict[str, Any]) -> np.ndarray:
+    if "tokens" in doc:  # pre-tokenised (TokenSource): [bos] + ids + [eos] already.
+      return doc["tokens"]
     return np.asarray([self.bos, *self.tokenizer.encode(doc["text"]), self.eos], np.int32)
 
 
@@ -205,6 +212,13 @@ def make_dataset(sources: SourceSpec | Sequence[SourceSpec], tokenizer: spm.Sent
   """
   if seq_len < 1 or batch_size < 1:
     raise ValueError(f"seq_len and batch_size must be positive, got {seq_len}, {batch_size}")
+  for paths, _ in normalize_sources(sources):
+    source = open_source(paths)
+    if isinstance(source, TokenSource) and (
+        source.meta["vocab_size"], source.meta["bos_id"], source.meta["eos_id"]) != (
+            tokenizer.get_piece_size(), tokenizer.bos_id(), tokenizer.eos_id()):
+      raise ValueError(f"{source.directory} was encoded with {source.meta['tokenizer']}, which differs from the "
+                       "tokenizer given (vocabulary size or bos/eos ids)")
   docs = documents(sources, split=split, seed=seed, val_fraction=val_fraction, shard_index=shard_index,
                    shard_count=shard_count, num_epochs=num_epochs if split == "train" else 1)
   ds = docs.map(_Tokenize(tokenizer)).to_iter_dataset(
