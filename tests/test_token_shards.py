@@ -40,3 +40,14 @@ def test_a_token_directory_rejects_another_tokenizer(tmp_path):
   write_token_shards(JA, other, tmp_path / "tok", workers=1)
   with pytest.raises(ValueError, match="differs from the tokenizer given"):
     pipeline.make_iterator(tmp_path / "tok", load_tokenizer(), seq_len=64, batch_size=2)
+
+
+def test_encode_command(tmp_path):
+  import subprocess
+  import sys
+  from conftest import REPO
+  out = subprocess.run([sys.executable, "-m", "experiments.tokenizer", "encode", f"--input={JA}",
+                        f"--output={tmp_path}", "--workers=2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads(out.stdout.strip().splitlines()[-1])
+  assert summary["documents"] == 1210 and len(TokenSource(tmp_path)) == 1210

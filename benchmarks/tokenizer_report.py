@@ -1,0 +1,102 @@
+"""Japanese vocabulary expansion of the Mistral-7B base: tokens/char before and after, English parity, speed.
+
+Documents of pretrain_ja.jsonl are split by a hash of their id into learn (80%) and measure (20%). The base is
+expanded with pieces learned on the learn part for a few (add, learn_vocab_size) settings (<= 16,000 pieces);
+the best Japanese tokens/char on the measure part wins. English parity uses deterministic English text (the
+Zen of Python and CPython's LICENSE.txt). Throughput: `encode` of the measure texts on one thread.
+Prints progress lines and a final JSON line.  Run: python -m benchmarks.tokenizer_report
+"""
+from __future__ import annotations
+
+import codecs
+import contextlib
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+
+import sentencepiece as spm
+
+from jpllm_jax.data.jsonl import split_value
+from jpllm_jax.tokenizer import mistral_v1_path
+from jpllm_jax.tokenizer.expand import expand_vocabulary
+
+JA = "/work/shared/data/text_ja/pretrain_ja.jsonl"
+SETTINGS = [(16000, 18000), (16000, 16000), (16000, 12000), (16000, 8000), (8000, 8000)]  # (add, learn_vocab_size)
+
+
+def english_texts() -> list[str]:
+  with contextlib.redirect_stdout(io.StringIO()):  # `import this` prints the Zen
+    import this  # pylint: disable=import-outside-toplevel,unused-import
+  text = codecs.decode(this.s, "rot13")
+  license_path = os.path.join(os.path.dirname(os.__file__), "LICENSE.txt")
+  if os.path.exists(license_path):
+    with open(license_path, encoding="utf-8") as f:
+      text += "\n\n" + f.read()
+  return [p for p in text.split("\n\n") if p.strip()]
+
+
+def tokens_per_char(sp: spm.SentencePieceProcessor, texts: list[str]) -> float:
+  return sum(len(ids) for ids in sp.encode(texts, num_threads=1)) / sum(len(t) for t in texts)
+
+
+def throughput(sp: spm.SentencePieceProcessor, texts: list[str], repeats: int = 3) -> float:
+  chars = sum(len(t) for t in texts)
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    sp.encode(texts, num_threads=1)
+    best = min(best, time.perf_counter() - t0)
+  return chars / best
+
+
+def main() -> None:
+  learn, measure = [], []
+  with open(JA, encoding="utf-8") as f:
+    for line in f:
+      rec = json.loads(line)
+      (measure if split_value(str(rec["id"])) < 0.2 else learn).append(rec["text"])
+  base = spm.SentencePieceProcessor(model_file=mistral_v1_path())
+  english = english_texts()
+  result = {"learn_docs": len(learn), "measure_docs": len(measure), "learn_chars": sum(map(len, learn)),
+            "measure_chars": sum(map(len, measure)), "base_tokens_per_char": tokens_per_char(base, measure)}
+  with tempfile.TemporaryDirectory() as tmp:
+    learn_path = os.path.join(tmp, "learn.jsonl")
+    with open(learn_path, "w", encoding="utf-8") as f:
+      for text in learn:
+        f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    tried = []
+    best = None
+    for add, learn_vocab in SETTINGS:
+      out = os.path.join(tmp, f"a{add}_l{learn_vocab}")
+      try:
+        path = expand_vocabulary(mistral_v1_path(), learn_path, add, out, learn_vocab_size=learn_vocab)
+      except RuntimeError as e:  # SentencePiece refuses a vocabulary the corpus cannot fill
+        tried.append({"add": add, "learn_vocab_size": learn_vocab, "error": str(e).splitlines()[0][-160:]})
+        print(tried[-1], file=sys.stderr)
+        continue
+      sp = spm.SentencePieceProcessor(model_file=path)
+      row = {"add": add, "learn_vocab_size": learn_vocab, "added": sp.GetPieceSize() - base.GetPieceSize(),
+             "tokens_per_char": tokens_per_char(sp, measure)}
+      tried.append(row)
+      print(row, file=sys.stderr)
+      if best is None or row["tokens_per_char"] < best[0]["tokens_per_char"]:
+        best = (row, sp)
+    if best is None:
+      raise SystemExit("no setting trained")
+    row, sp = best
+    english_identical = all(sp.encode(t) == base.encode(t) for t in english)
+    roundtrip = all(sp.decode(ids) == t for ids, t in zip(sp.encode(measure), measure))
+    result.update(tried=tried, best=row, expanded_tokens_per_char=row["tokens_per_char"],
+                  english_paragraphs=len(english), english_identical=english_identical,
+                  japanese_roundtrip_exact=roundtrip, chars_per_s_base=throughput(base, measure),
+                  chars_per_s_expanded=throughput(sp, measure))
+  result["goal_tokens_per_char"] = result["expanded_tokens_per_char"] <= 0.60
+  result["goal_chars_per_s"] = result["chars_per_s_expanded"] >= 1e6
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()
