@@ -8,9 +8,6 @@ Prints progress lines and a final JSON line.  Run: python -m benchmarks.tokenize
 """
 from __future__ import annotations
 
-import codecs
-import contextlib
-import io
 import json
 import os
 import sys
@@ -21,21 +18,11 @@ import sentencepiece as spm
 
 from jpllm_jax.data.jsonl import split_value
 from jpllm_jax.tokenizer import mistral_v1_path
-from jpllm_jax.tokenizer.expand import expand_vocabulary
+from jpllm_jax.tokenizer.expand import english_sample_texts, expand_vocabulary
 
-JA = "/work/shared/data/text_ja/pretrain_ja.jsonl"
+JA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "text_ja",
+                  "pretrain_ja.jsonl")
 SETTINGS = [(16000, 18000), (16000, 16000), (16000, 12000), (16000, 8000), (8000, 8000)]  # (add, learn_vocab_size)
-
-
-def english_texts() -> list[str]:
-  with contextlib.redirect_stdout(io.StringIO()):  # `import this` prints the Zen
-    import this  # pylint: disable=import-outside-toplevel,unused-import
-  text = codecs.decode(this.s, "rot13")
-  license_path = os.path.join(os.path.dirname(os.__file__), "LICENSE.txt")
-  if os.path.exists(license_path):
-    with open(license_path, encoding="utf-8") as f:
-      text += "\n\n" + f.read()
-  return [p for p in text.split("\n\n") if p.strip()]
 
 
 def tokens_per_char(sp: spm.SentencePieceProcessor, texts: list[str]) -> float:
@@ -59,7 +46,7 @@ def main() -> None:
       rec = json.loads(line)
       (measure if split_value(str(rec["id"])) < 0.2 else learn).append(rec["text"])
   base = spm.SentencePieceProcessor(model_file=mistral_v1_path())
-  english = english_texts()
+  english = english_sample_texts()
   result = {"learn_docs": len(learn), "measure_docs": len(measure), "learn_chars": sum(map(len, learn)),
             "measure_chars": sum(map(len, measure)), "base_tokens_per_char": tokens_per_char(base, measure)}
   with tempfile.TemporaryDirectory() as tmp:

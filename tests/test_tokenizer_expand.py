@@ -1,9 +1,6 @@
 """Vocabulary expansion: base ids kept, English unchanged, exact Japanese round trip, HF export parity, CLI."""
 from __future__ import annotations
 
-import codecs
-import contextlib
-import io
 import itertools
 import json
 import os
@@ -15,7 +12,8 @@ import sentencepiece as spm
 
 from jpllm_jax.data.jsonl import iter_texts
 from jpllm_jax.tokenizer import mistral_v1_path
-from jpllm_jax.tokenizer.expand import _load_proto, expand_vocabulary, export_hf, has_japanese, report
+from jpllm_jax.tokenizer.expand import (_load_proto, english_sample_texts, expand_vocabulary, export_hf, has_japanese,
+                                        report)
 
 from conftest import REPO, SHARED_DATA
 
@@ -24,18 +22,6 @@ pytestmark = pytest.mark.skipif(not JA.exists(), reason="no shared Japanese corp
 
 CRAFTED = ["𠮷野家", "ＡＢＣ１２３！", "😀🇯🇵", "東京都に住む", "Hello 東京 123 world.", "\t東京\n\n 都 ", "", " ", "  x",
            "a\nb\n\n c", "カタカナとひらがなと漢字、そして「括弧」。", "𩸽と𠀋と髙橋", "ﾊﾝｶｸｶﾀｶﾅ", "東京タワー🗼は333m"]
-
-
-def english_texts() -> list[str]:
-  """Deterministic English text: the Zen of Python and CPython's license, split into paragraphs."""
-  with contextlib.redirect_stdout(io.StringIO()):  # `import this` prints the Zen
-    import this  # pylint: disable=import-outside-toplevel,unused-import
-  text = codecs.decode(this.s, "rot13")
-  license_path = os.path.join(os.path.dirname(os.__file__), "LICENSE.txt")
-  if os.path.exists(license_path):
-    with open(license_path, encoding="utf-8") as f:
-      text += "\n\n" + f.read()
-  return [p for p in text.split("\n\n") if p.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +53,7 @@ def test_base_ids_unchanged(expanded):
 def test_english_identical_and_japanese_round_trip(expanded):
   base = spm.SentencePieceProcessor(model_file=mistral_v1_path())
   new = spm.SentencePieceProcessor(model_file=expanded)
-  for text in english_texts():
+  for text in english_sample_texts():
     assert new.encode(text) == base.encode(text)
   docs = list(itertools.islice(iter_texts(JA), 1, 400, 2))  # held-out documents
   for text in docs + CRAFTED:
@@ -83,7 +69,7 @@ def test_hf_export_matches_sentencepiece(expanded, tmp_path):
   export_hf(expanded, str(tmp_path / "hf"))
   hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
   sp = spm.SentencePieceProcessor(model_file=expanded)
-  texts = list(itertools.islice(iter_texts(JA), 300)) + CRAFTED + english_texts()
+  texts = list(itertools.islice(iter_texts(JA), 300)) + CRAFTED + english_sample_texts()
   for text in texts:
     ids = sp.encode(text)
     assert hf.encode(text, add_special_tokens=False) == ids, text[:80]
@@ -96,7 +82,7 @@ def test_hf_export_matches_sentencepiece(expanded, tmp_path):
 
 def test_report_sane(expanded, tmp_path):
   en = tmp_path / "en.jsonl"
-  en.write_text("".join(json.dumps({"text": t}) + "\n" for t in english_texts()), encoding="utf-8")
+  en.write_text("".join(json.dumps({"text": t}) + "\n" for t in english_sample_texts()), encoding="utf-8")
   new = report(expanded, JA, english_paths=en)
   base = report(mistral_v1_path(), JA, english_paths=en)
   assert new["ja"]["docs"] == base["ja"]["docs"] > 1000

@@ -60,6 +60,14 @@ def parse_line(line: bytes, text_key: str = "text") -> tuple[str | None, dict[st
   return text, record, ""
 
 
+def check_index(i: int, n: int) -> int:
+  """`i` as an int, or IndexError naming the document count (the sources' bounds check)."""
+  i = int(i)
+  if not -n <= i < n:
+    raise IndexError(f"document {i} out of range for {n} documents")
+  return i
+
+
 def split_value(key: str) -> float:
   """A uniform number in [0, 1) from a document key, the same on every host and in every run."""
   digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
@@ -119,9 +127,7 @@ class JsonlSource:
     return len(self.doc_index)
 
   def __getitem__(self, i: int) -> dict[str, Any]:
-    i = int(i)
-    if not -len(self) <= i < len(self):
-      raise IndexError(f"document {i} out of range for {len(self)} documents")
+    i = check_index(i, len(self))
     line = os.pread(self._fd(self._file[i]), int(self._length[i]), int(self._offset[i]))
     text, _, reason = parse_line(line, self.text_key)
     if reason:  # the file changed since it was indexed

@@ -24,7 +24,7 @@ import numpy as np
 import sentencepiece as spm
 from absl import logging
 
-from jpllm_jax.data.jsonl import JsonlSource, _paths
+from jpllm_jax.data.jsonl import JsonlSource, _paths, check_index
 
 META = "meta.json"
 
@@ -107,9 +107,7 @@ class TokenSource:
     return len(self.doc_index)
 
   def __getitem__(self, i: int) -> dict[str, Any]:
-    i = int(i)
-    if not -len(self) <= i < len(self):
-      raise IndexError(f"document {i} out of range for {len(self)} documents")
+    i = check_index(i, len(self))
     return {"tokens": np.asarray(self.tokens[self._start[i]:self._stop[i]], np.int32),
             "index": int(self.doc_index[i])}
 

@@ -12,6 +12,9 @@ ids as SentencePiece. `report` measures tokens per character, UTF-8 bytes per to
 """
 from __future__ import annotations
 
+import codecs
+import contextlib
+import io
 import json
 import os
 import tempfile
@@ -20,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from jpllm_jax.data.jsonl import iter_texts
+from jpllm_jax.data.jsonl import _paths, iter_texts
 from jpllm_jax.tokenizer.train import train_sentencepiece
 
 _NORMAL = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
@@ -48,10 +51,17 @@ def _load_proto(path: str) -> sentencepiece_model_pb2.ModelProto:
   return m
 
 
-def _as_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-  if isinstance(paths, (str, os.PathLike)):
-    return [os.fspath(paths)]
-  return [os.fspath(p) for p in paths]
+def english_sample_texts() -> list[str]:
+  """Deterministic English text that every Python install has (shared/ holds no English corpus): the Zen
+  of Python and CPython's license, split into paragraphs. Used to check that expansion leaves English alone."""
+  with contextlib.redirect_stdout(io.StringIO()):  # `import this` prints the Zen
+    import this  # pylint: disable=import-outside-toplevel,unused-import
+  text = codecs.decode(this.s, "rot13")
+  license_path = os.path.join(os.path.dirname(os.__file__), "LICENSE.txt")
+  if os.path.exists(license_path):
+    with open(license_path, encoding="utf-8") as f:
+      text += "\n\n" + f.read()
+  return [p for p in text.split("\n\n") if p.strip()]
 
 
 def _reachable(piece: str, vocab: set[str]) -> bool:
@@ -96,7 +106,7 @@ def expand_vocabulary(base_model: str, jsonl_paths: str | os.PathLike | Sequence
   `learn_vocab_size` is the size of the Japanese BPE model trained on the texts (default `add + 1000`, which
   leaves room for the pieces the base already has). `holdout(text)` True excludes a document from learning.
   """
-  paths = _as_paths(jsonl_paths)
+  paths = _paths(jsonl_paths)
   os.makedirs(output_dir, exist_ok=True)
   learn_vocab_size = learn_vocab_size or add + 1000
   with tempfile.TemporaryDirectory() as tmp:
@@ -231,11 +241,11 @@ def report(model_path: str, jsonl_paths: str | os.PathLike | Sequence[str | os.P
   out = {"tokenizer": model_path, "vocab_size": sp.GetPieceSize()}
   ja: list[Iterable[str]] = []
   if jsonl_paths is not None:
-    ja.append(iter_texts(_as_paths(jsonl_paths)))
+    ja.append(iter_texts(_paths(jsonl_paths)))
   if texts is not None:
     ja.append(texts)
   if ja:
     out["ja"] = measure(t for it in ja for t in it)
   if english_paths is not None:
-    out["en"] = measure(iter_texts(_as_paths(english_paths)))
+    out["en"] = measure(iter_texts(_paths(english_paths)))
   return out
