@@ -115,3 +115,23 @@ def test_greedy_generation_equals_hugging_face(family, tmp_path):
   expected = ref[:, width:].tolist()
   ours = generate(cfg, params, prompts, max_new_tokens=n_new)
   assert ours == expected
+
+
+def test_stop_table_ends_rows_at_a_two_token_stop_string():
+  cfg = tiny_configs()["llama3"]
+  params = models.init(cfg, jax.random.key(0))
+  free = generate(cfg, params, PROMPTS, max_new_tokens=8, pad_to=16)
+  assert free == generate(cfg, params, PROMPTS, max_new_tokens=8)
+  table = np.zeros((cfg.vocab_size, 3), bool)
+  table[free[0][1], 1] = True  # row 0: its 2nd token ends with the first half of the stop string,
+  table[free[0][2], 2] = True  # its 3rd starts with the second half: it stops after 3 tokens.
+  stopped = generate(cfg, params, PROMPTS, max_new_tokens=8, stop_table=table)
+  assert stopped[0] == free[0][:3]
+  whole = np.zeros((cfg.vocab_size, 3), bool)
+  whole[free[1][0], 0] = True  # a token that contains the whole stop string stops its row at once.
+  stopped = generate(cfg, params, PROMPTS, max_new_tokens=8, stop_table=whole)
+  assert stopped[1] == free[1][:1]
+  for got, ref in zip(stopped, free):
+    assert got == ref[:len(got)]
+  with pytest.raises(ValueError, match="shorter than the longest prompt"):
+    generate(cfg, params, PROMPTS, max_new_tokens=2, pad_to=4)

@@ -45,5 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       lr=3e-3, warmup_steps=20, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
       z_loss=1e-4))
+  # Japanese task evaluation every `every` steps (0: off) on the first `limit` examples, logged as eval/<task>.
+  c.eval = ml_collections.ConfigDict(dict(
+      every=0, tasks="jcommonsenseqa,jmmlu", scoring="loglik", limit=50, shots=4, loglik_norm="char",
+      batch_size=8, max_len=0, data_dir=os.path.normpath(os.path.join(_SHARED, "eval"))))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   return c

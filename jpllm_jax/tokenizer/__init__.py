@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import sentencepiece as spm
 
 
@@ -28,3 +29,34 @@ def load_tokenizer(path: str | None = None) -> spm.SentencePieceProcessor:
   if not os.path.exists(path):
     raise FileNotFoundError(f"no tokenizer model at {path}")
   return spm.SentencePieceProcessor(model_file=path)
+
+
+def piece_texts(sp: spm.SentencePieceProcessor) -> list[str]:
+  """The text each piece contributes when decoded inside a sequence ("▁" as a space; a byte piece as its
+  character when it is ASCII, "" for bytes of multi-byte characters; control pieces "")."""
+  texts = []
+  for i in range(sp.get_piece_size()):
+    piece = sp.id_to_piece(i)
+    if sp.is_byte(i):
+      byte = int(piece[3:-1], 16)
+      texts.append(chr(byte) if byte < 128 else "")
+    elif sp.is_control(i) or sp.is_unknown(i):
+      texts.append("")
+    else:
+      texts.append(piece.replace("\u2581", " "))
+  return texts
+
+
+def stop_string_table(sp: spm.SentencePieceProcessor, stop: str, vocab_size: int | None = None) -> np.ndarray:
+  """The [V, 3] table of `generate(stop_table=...)` for a two-character stop string such as "\\n\\n".
+
+  Columns: the piece contains `stop`; it ends with `stop[0]`; it starts with `stop[1]`. Rows past the tokenizer's
+  pieces (vocabulary padding) are all False.
+  """
+  if len(stop) != 2:
+    raise ValueError(f"stop_string_table handles two-character stop strings, got {stop!r}")
+  texts = piece_texts(sp)
+  table = np.zeros((vocab_size or len(texts), 3), bool)
+  for i, text in enumerate(texts[:table.shape[0]]):
+    table[i] = (stop in text, text.endswith(stop[0]), text.startswith(stop[1]))
+  return table

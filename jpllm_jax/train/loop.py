@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from jpllm_jax import eval as jeval
 from jpllm_jax.data import pipeline
 from jpllm_jax.models.config import ModelConfig
 from jpllm_jax.parallel import DEFAULT_RULES, check_model_fits_mesh, make_mesh
@@ -120,13 +121,43 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+def make_task_eval(config, cfg: ModelConfig, sp):
+  """The optional in-training evaluation (`config.eval.every` > 0): params -> `eval/<row>` log fields.
+
+  A small `limit` of Japanese tasks, logged beside the loss; log-likelihood multiple choice gives signal long
+  before a small model emits labels. Evaluate full checkpoints with `experiments.eval` / `experiments.eval_curve`.
+  """
+  ec = config.get("eval")
+  if ec is None or not ec.every:
+    return None
+  if jax.process_count() > 1:
+    raise ValueError("eval.every > 0 runs on a single process; evaluate the checkpoints of a multi-host run with "
+                     "python -m experiments.eval_curve")
+  tasks = jeval.get_tasks(ec.tasks)
+  scoring = [s.strip() for s in ec.scoring.split(",") if s.strip()]
+
+  def run(params) -> dict[str, float]:
+    lm = jeval.LanguageModel(cfg, params, sp, batch_size=ec.batch_size, max_len=ec.max_len or None)
+    results = jeval.evaluate(lm, tasks, data_dir=ec.data_dir, shots=ec.shots, limit=ec.limit or None,
+                             scoring=scoring, loglik_norm=ec.loglik_norm, n_bootstrap=0, keep_predictions=False)
+    out = {f"eval/{name}": row["score"] for name, row in results["scores"].items()}
+    if results["average"]:
+      out["eval/avg"] = results["average"]["score"]
+    return out
+
+  return run
+
+
 def train(config, workdir: str) -> dict[str, Any]:
   """Trains for `config.train.steps` steps (resuming from the latest checkpoint); returns the last log."""
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:  # the settings of the run, for evaluation and provenance.
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   tc = config.train
   sp, tokenizer_path = prepare_tokenizer(config, workdir)
   cfg, hf_params = build_model_config(config, sp.vocab_size())
+  task_eval = make_task_eval(config, cfg, sp)
 
   mesh = make_mesh(dict(config.mesh))
   check_model_fits_mesh(cfg, mesh, DEFAULT_RULES)
@@ -192,7 +223,8 @@ def train(config, workdir: str) -> dict[str, Any]:
       window_tokens += config.data.seq_len * tc.batch_size
       done = step + 1
       eval_due = tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps)
-      if done % tc.log_every == 0 or done == tc.steps or eval_due:
+      task_eval_due = task_eval is not None and (done % config.eval.every == 0 or done == tc.steps)
+      if done % tc.log_every == 0 or done == tc.steps or eval_due or task_eval_due:
         metrics = jax.device_get(metrics)
         elapsed = time.perf_counter() - window_start
         tps = window_tokens / elapsed
@@ -204,6 +236,8 @@ def train(config, workdir: str) -> dict[str, Any]:
         if eval_due:
           last["val_loss"] = evaluate(eval_step, state["params"], make_val_iter, bsh, tc.eval_batches,
                                       (local_batch, config.data.seq_len))
+        if task_eval_due:
+          last.update(task_eval(state["params"]))
         logger.write(done, last)
         window_tokens, window_start = 0.0, time.perf_counter()
       ckpt.save(done, state, train_iter, force=done == stop)  # and always the last step of the run.
