@@ -63,3 +63,20 @@ def test_eval_and_eval_curve_on_a_tiny_run(tmp_path):
   for png in ("score_vs_loss.png", "score_vs_tokens.png"):
     assert (curve_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert all((curve_dir / f"step_{r['step']}.json").exists() for r in rows)
+
+
+def test_eval_of_an_imported_hugging_face_directory(tmp_path):
+  import shutil
+
+  import hf_helpers
+  config = hf_helpers.hf_config("llama2")
+  config.vocab_size = 32000
+  hf_helpers.transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+  shutil.copy(mistral_v1_path(), tmp_path / "hf" / "tokenizer.model")
+  out = tmp_path / "hf.json"
+  _run("experiments.eval", f"--hf_dir={tmp_path / 'hf'}", f"--output={out}", "--limit=3", "--shots=2",
+       "--tasks=jmmlu", "--scoring=loglik", "--loglik_norm=token")
+  results = json.loads(out.read_text())
+  assert results["model"]["source"] == "hf" and results["model"]["step"] is None
+  assert list(results["scores"]) == ["jmmlu/loglik"] and results["scores"]["jmmlu/loglik"]["metric"] == "acc_token"
+  assert results["average"] is None and "AVG" not in out.with_suffix(".md").read_text()
