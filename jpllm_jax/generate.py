@@ -47,7 +47,8 @@ def _decode(cfg: ModelConfig, params, tokens_BP, segment_BP, rng, eos_id, stop_V
   positions = jnp.maximum(jnp.cumsum(segment_BP, axis=1) - 1, 0).astype(jnp.int32)
   lengths = segment_BP.sum(axis=1).astype(jnp.int32)
   cache = init_cache(cfg, b, p + max_new_tokens)
-  logits, cache = forward_cached(cfg, params, tokens_BP, cache, 0, positions=positions, segment_ids=segment_BP)
+  logits, cache = forward_cached(cfg, params, tokens_BP, cache, 0, positions=positions, segment_ids=segment_BP,
+                                 last_only=True)
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
   rng, key = jax.random.split(rng)
   first = sample(logits[:, -1], key)

@@ -161,7 +161,8 @@ def _choice_logprobs(cfg: ModelConfig, params, prefix_BP, prefix_seg_BP, cont_BK
   positions = jnp.maximum(jnp.cumsum(prefix_seg_BP, axis=1) - 1, 0).astype(jnp.int32)
   lengths = prefix_seg_BP.sum(axis=1).astype(jnp.int32)
   cache = init_cache(cfg, b, p + c)
-  logits, cache = forward_cached(cfg, params, prefix_BP, cache, 0, positions=positions, segment_ids=prefix_seg_BP)
+  logits, cache = forward_cached(cfg, params, prefix_BP, cache, 0, positions=positions, segment_ids=prefix_seg_BP,
+                                 last_only=True)
   last = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)  # predicts each continuation's first token
   cont_positions = lengths[:, None] + jnp.arange(c, dtype=jnp.int32)[None]
 

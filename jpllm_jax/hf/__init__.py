@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint interop: Llama, Mistral, Qwen2 and GPT-2 safetensors <-> our params.
+"""Hugging Face checkpoint interop: Llama, Mistral, Qwen2, GPT-2, Mixtral and DeepSeek-V3 safetensors <-> our params.
 
     config, params = hf.load_pretrained("path/to/hf_dir", dtype="bfloat16")  # numpy arrays
     hf.save_pretrained(config, params, "path/to/out")  # loads in transformers.AutoModelForCausalLM

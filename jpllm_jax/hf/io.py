@@ -21,7 +21,8 @@ from safetensors import safe_open
 
 from jpllm_jax.hf import mapping
 from jpllm_jax.models.config import ModelConfig
-from jpllm_jax.models.transformer import param_shapes
+from jpllm_jax.models.layers import ParamSpec
+from jpllm_jax.models.transformer import param_shapes, param_specs
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -33,8 +34,9 @@ _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2*
 def load_pretrained(path: str | os.PathLike, dtype: Any = None) -> tuple[ModelConfig, dict[str, Any]]:
   """(config, params) of a local HF checkpoint directory (config.json + safetensors, sharded or not).
 
-  Supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and GPT2LMHeadModel. `dtype` is the
-  dtype of the returned numpy arrays and of `config.param_dtype`; None keeps the checkpoint's.
+  Supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel, MixtralForCausalLM and
+  DeepseekV3ForCausalLM (without its multi-token-prediction layers). `dtype` is the dtype of the returned numpy
+  arrays and of `config.param_dtype` (the DeepSeek-V3 router stays float32); None keeps the checkpoint's.
   Raises ValueError naming the tensor for a missing, unexpected or wrongly shaped tensor.
   """
   path = pathlib.Path(path)
@@ -42,9 +44,9 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = None) -> tuple[ModelCo
   files = _safetensors_files(path)
   dtype = jnp.dtype(dtype) if dtype is not None else _checkpoint_dtype(files, hf_config)
   cfg = mapping.config_from_hf(hf_config).replace(param_dtype=dtype.name)
-  shapes = _param_shapes(cfg)
+  shapes, fixed = _param_shapes(cfg), _fixed_dtypes(cfg)
   expected = mapping.tensor_table(cfg, shapes)
-  flat = {p: np.empty(s, dtype) for p, s in shapes.items()}
+  flat = {p: np.empty(s, fixed.get(p, dtype)) for p, s in shapes.items()}
   seen = set()
   for file in files:
     with safe_open(file, framework="np") as f:
@@ -74,9 +76,10 @@ def save_pretrained(config: ModelConfig, params: dict[str, Any], path: str | os.
                     max_shard_size: int | str = "5GB") -> None:
   """Writes an HF checkpoint directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
-  `dtype` is the stored dtype (None: `config.param_dtype`). Shards above `max_shard_size` (bytes, or a
-  string like "5GB" / "500MiB") get an index json, as transformers writes them. Tied models have no
-  `lm_head.weight`. Raises ValueError for options HF cannot represent (`scale_embedding`, ...).
+  `dtype` is the stored dtype (None: `config.param_dtype`; the DeepSeek-V3 router is stored in float32, as
+  transformers keeps it). Shards above `max_shard_size` (bytes, or a string like "5GB" / "500MiB") get an index json, as
+  transformers writes them. Tied models have no `lm_head.weight`; DeepSeek-V3 multi-token-prediction modules
+  (`params["mtp"]`) are not written. Raises ValueError for options HF cannot represent (`scale_embedding`, ...).
   """
   path = pathlib.Path(path)
   dtype = jnp.dtype(config.param_dtype if dtype is None else dtype)
@@ -89,7 +92,9 @@ def save_pretrained(config: ModelConfig, params: dict[str, Any], path: str | os.
   if unexpected := sorted(set(flat) - set(shapes)):
     raise ValueError(f"unexpected parameters {unexpected} for the config")
   table = mapping.tensor_table(config, shapes)
-  nbytes = {name: math.prod(t.hf_shape) * dtype.itemsize for name, t in table.items()}
+  fixed = _fixed_dtypes(config)
+  stored = {name: np.dtype(next((fixed[p] for p in t.paths if p in fixed), dtype)) for name, t in table.items()}
+  nbytes = {name: math.prod(t.hf_shape) * stored[name].itemsize for name, t in table.items()}
   shards = _plan_shards(list(nbytes.items()), _parse_size(max_shard_size))
   path.mkdir(parents=True, exist_ok=True)
   for stale in path.iterdir():  # A previous save's shards would shadow or mix with these.
@@ -100,7 +105,7 @@ def save_pretrained(config: ModelConfig, params: dict[str, Any], path: str | os.
     file = SINGLE_FILE if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
     tensors = {}
     for name in names:
-      parts = [np.asarray(a, dtype) for a in table[name].ours(flat)]
+      parts = [np.asarray(a, stored[name]) for a in table[name].ours(flat)]
       tensors[name] = mapping.to_hf(parts, table[name].row.layout)
       weight_map[name] = file
     safetensors.numpy.save_file(tensors, path / file, metadata={"format": "pt"})
@@ -112,6 +117,12 @@ def save_pretrained(config: ModelConfig, params: dict[str, Any], path: str | os.
 
 def _param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   return _flatten(jax.tree.map(lambda s: s.shape, param_shapes(cfg)))
+
+
+def _fixed_dtypes(cfg: ModelConfig) -> dict[str, str]:
+  """Parameters whose dtype the model fixes whatever `param_dtype` (the sigmoid router: float32)."""
+  dtypes = jax.tree.map(lambda s: s.dtype or "", param_specs(cfg), is_leaf=lambda x: isinstance(x, ParamSpec))
+  return {p: d for p, d in _flatten(dtypes).items() if d}
 
 
 def _safetensors_files(path: pathlib.Path) -> list[pathlib.Path]:

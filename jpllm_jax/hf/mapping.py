@@ -2,7 +2,11 @@
 
 A table row is (HF tensor name, our parameter path(s), layout). `{i}` in a name is the layer index; such
 rows fill one slice of our stacked `layers` arrays. A row whose parameter the config does not have (a
-bias, the untied head) is simply not expected. The layout says how the HF tensor is laid out:
+bias, the untied head) is simply not expected. Rows written for `layers.` serve both of our stacks: HF
+layer i is `layers[i]` for the first `n_dense_layers` and `layers_moe[i - n_dense_layers]` after them;
+rows written for `layers_moe.` only the MoE stack. `{e}` is the expert index: a checkpoint stores one tensor
+per expert (transformers 5 fuses them in memory but saves them so), our `[L, E, ...]` arrays one slice each.
+The layout says how the HF tensor is laid out:
 
   VECTOR          norms and biases: our array flattened ([H, E] bias <-> [H*E]).
   MATRIX          embeddings and GPT-2 `Conv1D` weights [in, out]: our first axis, the rest flattened.
@@ -11,7 +15,9 @@ bias, the untied head) is simply not expected. The layout says how the HF tensor
   HEADS_LINEAR    Llama `o_proj` [D, H*E]: the transpose of HEADS_MATRIX.
 
 A row with several parameters is a fused HF tensor (GPT-2 `c_attn` = q|k|v), split along its output axis.
-RoPE uses the HF rotate_half layout in both codebases, so q/k weights need no permutation.
+RoPE uses the HF rotate_half layout in both codebases, so q/k weights need no permutation; DeepSeek's
+interleaved RoPE pairs (`rope_interleave`) are reproduced by the model (`layers.deinterleave`), so its weights
+need none either.
 """
 from __future__ import annotations
 
@@ -95,6 +101,42 @@ GPT2_TABLE = _rows(
 )
 
 
+MIXTRAL_TABLE = LLAMA_TABLE + _rows(
+    ("model.layers.{i}.block_sparse_moe.gate.weight", "layers_moe.router.kernel", LINEAR),
+    ("model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight", "layers_moe.experts.gate", LINEAR),
+    ("model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight", "layers_moe.experts.down", LINEAR),
+    ("model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight", "layers_moe.experts.up", LINEAR),
+)
+
+# DeepSeek-V3: MLA projections keep their fused HF form in our params (q_b/kv_b [rank, heads, nope|rope or
+# nope|v], kv_a [D, latent|rope]) and are split in the model, so every row is a plain transpose.
+DEEPSEEK_V3_TABLE = _rows(
+    ("model.embed_tokens.weight", "embed.embedding", MATRIX),
+    ("model.layers.{i}.input_layernorm.weight", "layers.attn_norm.scale", VECTOR),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers.attn.q.kernel", LINEAR),
+    ("model.layers.{i}.self_attn.q_a_proj.weight", "layers.attn.q_a.kernel", LINEAR),
+    ("model.layers.{i}.self_attn.q_a_layernorm.weight", "layers.attn.q_norm.scale", VECTOR),
+    ("model.layers.{i}.self_attn.q_b_proj.weight", "layers.attn.q_b.kernel", LINEAR),
+    ("model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight", "layers.attn.kv_a.kernel", LINEAR),
+    ("model.layers.{i}.self_attn.kv_a_layernorm.weight", "layers.attn.kv_norm.scale", VECTOR),
+    ("model.layers.{i}.self_attn.kv_b_proj.weight", "layers.attn.kv_b.kernel", LINEAR),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers.attn.o.kernel", HEADS_LINEAR),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.mlp_norm.scale", VECTOR),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers.mlp.gate.kernel", LINEAR),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers.mlp.up.kernel", LINEAR),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers.mlp.down.kernel", LINEAR),
+    ("model.layers.{i}.mlp.gate.weight", "layers_moe.router.kernel", LINEAR),
+    ("model.layers.{i}.mlp.gate.e_score_correction_bias", "layers_moe.router.bias", VECTOR),
+    ("model.layers.{i}.mlp.experts.{e}.gate_proj.weight", "layers_moe.experts.gate", LINEAR),
+    ("model.layers.{i}.mlp.experts.{e}.up_proj.weight", "layers_moe.experts.up", LINEAR),
+    ("model.layers.{i}.mlp.experts.{e}.down_proj.weight", "layers_moe.experts.down", LINEAR),
+    ("model.layers.{i}.mlp.shared_experts.gate_proj.weight", "layers_moe.shared.gate.kernel", LINEAR),
+    ("model.layers.{i}.mlp.shared_experts.up_proj.weight", "layers_moe.shared.up.kernel", LINEAR),
+    ("model.layers.{i}.mlp.shared_experts.down_proj.weight", "layers_moe.shared.down.kernel", LINEAR),
+    ("model.norm.weight", "final_norm.scale", VECTOR),
+    ("lm_head.weight", "lm_head.kernel", LINEAR),
+)
+
 @dataclasses.dataclass(frozen=True)
 class Architecture:
   name: str  # HF `architectures` entry.
@@ -109,6 +151,8 @@ ARCHITECTURES = {a.name: a for a in (
     Architecture("MistralForCausalLM", "mistral", "mistral", LLAMA_TABLE, "model."),
     Architecture("Qwen2ForCausalLM", "qwen2", "qwen2", LLAMA_TABLE, "model."),
     Architecture("GPT2LMHeadModel", "gpt", "gpt2", GPT2_TABLE, "transformer."),
+    Architecture("MixtralForCausalLM", "mixtral", "mixtral", MIXTRAL_TABLE, "model."),
+    Architecture("DeepseekV3ForCausalLM", "deepseek_v3", "deepseek_v3", DEEPSEEK_V3_TABLE, "model."),
 )}
 BY_FAMILY = {a.family: a for a in ARCHITECTURES.values()}
 
@@ -118,7 +162,10 @@ IGNORED_TENSORS = re.compile(r"(\.attn\.(masked_)?bias|\.rotary_emb\.inv_freq)$"
 GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 GPT2_ACTIVATIONS_BACK = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
 ROPE_KEYS = {"default": (), "linear": ("factor",),
-             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+             "yarn": ("factor", "original_max_position_embeddings")}
+ROPE_OPTIONAL_KEYS = {"yarn": ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")}
+MOE_FAMILIES = ("mixtral", "deepseek_v3")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -150,9 +197,11 @@ def to_hf(arrays: list[np.ndarray], layout: Layout) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Tensor:
-  """One HF tensor of a checkpoint: its table row, layer (None outside the stack) and our per-layer shapes."""
+  """One HF tensor of a checkpoint: its table row, our parameter paths, the index of its slice of our
+  stacked arrays ((): the whole array, (layer,) or (layer, expert)) and our per-slice shapes."""
   row: Row
-  layer: int | None
+  paths: tuple[str, ...]
+  index: tuple[int, ...]
   shapes: tuple[tuple[int, ...], ...]
 
   @property
@@ -160,8 +209,8 @@ class Tensor:
     return hf_shape(self.row.layout, list(self.shapes))
 
   def ours(self, flat: dict[str, Any]) -> list[Any]:
-    """Our arrays (layer slices: views of the stacked numpy arrays) that this tensor holds."""
-    return [flat[p] if self.layer is None else flat[p][self.layer] for p in self.row.ours]
+    """Our arrays (slices: views of the stacked numpy arrays) that this tensor holds."""
+    return [flat[p][self.index] if self.index else flat[p] for p in self.paths]
 
 
 def tensor_table(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
@@ -171,19 +220,38 @@ def tensor_table(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[s
   """
   names = {}
   for row in BY_FAMILY[cfg.family].table:
-    if not all(p in shapes for p in row.ours):
+    if "{i}" not in row.hf:
+      if all(p in shapes for p in row.ours):
+        names[row.hf] = Tensor(row, row.ours, (), tuple(shapes[p] for p in row.ours))
       continue
-    for i in range(cfg.n_layers) if "{i}" in row.hf else [None]:
-      names[row.hf.format(i=i)] = Tensor(row, i, tuple(shapes[p][0 if i is None else 1:] for p in row.ours))
+    for stack, first in (("layers", 0), ("layers_moe", cfg.n_dense_layers)):
+      paths = tuple(_in_stack(p, stack) for p in row.ours)
+      if not all(p in shapes for p in paths):
+        continue
+      for i in range(shapes[paths[0]][0]):
+        for e in range(cfg.n_experts) if "{e}" in row.hf else [None]:
+          index = (i,) if e is None else (i, e)
+          names[row.hf.format(i=first + i, e=e)] = Tensor(row, paths, index,
+                                                          tuple(shapes[p][len(index):] for p in paths))
   return names
 
 
+def _in_stack(path: str, stack: str) -> str | None:
+  """A `layers.` row's path in `stack`; a `layers_moe.` row's path only in the MoE stack."""
+  if path.startswith("layers."):
+    return stack + path[len("layers"):]
+  return path if path.split(".")[0] == stack else None
+
+
 def checkpoint_name(cfg: ModelConfig, name: str, expected: dict[str, Tensor]) -> str | None:
-  """The table name of a stored tensor, or None for a buffer to skip (a tied model's stored head too)."""
+  """The table name of a stored tensor, or None for a buffer to skip (a tied model's stored head too, and
+  DeepSeek-V3's multi-token-prediction layers `model.layers.{n_layers + k}`, which we do not convert)."""
   prefix = BY_FAMILY[cfg.family].prefix
   if name not in expected and prefix + name in expected:
     name = prefix + name
   if name not in expected and (IGNORED_TENSORS.search(name) or (cfg.tie_embeddings and name == "lm_head.weight")):
+    return None
+  if cfg.family == "deepseek_v3" and (m := re.match(r"model\.layers\.(\d+)\.", name)) and int(m[1]) >= cfg.n_layers:
     return None
   return name
 
@@ -197,7 +265,12 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
          f"{archs or hf.get('model_type')}; supported: {sorted(ARCHITECTURES)}")
   family = ARCHITECTURES[archs[0]].family
   try:
-    fields = _gpt2_from_hf(hf) if family == "gpt" else _llama_from_hf(family, hf)
+    if family == "gpt":
+      fields = _gpt2_from_hf(hf)
+    elif family == "deepseek_v3":
+      fields = _deepseek_v3_from_hf(hf)
+    else:
+      fields = _llama_from_hf(family, hf)
     return ModelConfig(family=family, vocab_size=hf["vocab_size"], init_std=hf.get("initializer_range", 0.02),
                        **fields)
   except KeyError as e:
@@ -212,12 +285,20 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
   hf = {"architectures": [arch.name], "model_type": arch.model_type, "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
         "dtype": dtype, "torch_dtype": dtype}  # transformers >= 5 reads `dtype`, older versions `torch_dtype`.
-  hf.update(_gpt2_to_hf(cfg) if cfg.family == "gpt" else _llama_to_hf(cfg))
+  _check(cfg.family in MOE_FAMILIES or (cfg.n_experts == 0 and cfg.attention == "gqa" and cfg.mtp_depth == 0),
+         f"{cfg.family} on Hugging Face has no experts, latent attention or multi-token prediction")
+  if cfg.family == "gpt":
+    hf.update(_gpt2_to_hf(cfg))
+  elif cfg.family == "deepseek_v3":
+    hf.update(_deepseek_v3_to_hf(cfg))
+  else:
+    hf.update(_llama_to_hf(cfg))
   return hf
 
 
 def _llama_from_hf(family: str, hf: dict[str, Any]) -> dict[str, Any]:
-  """Llama, Mistral and Qwen2 fields (Llama's `attention_bias` covers q, k, v and o; Qwen2 has q/k/v bias)."""
+  """Llama, Mistral, Qwen2 and Mixtral fields (Llama's `attention_bias` covers q, k, v and o; Qwen2 has q/k/v
+  bias; Mixtral is Mistral with a softmax top-k MoE in every layer, `intermediate_size` being an expert's)."""
   _check(hf.get("hidden_act", "silu") == "silu", f"hidden_act={hf.get('hidden_act')!r}: only silu is supported")
   d, heads = hf["hidden_size"], hf["num_attention_heads"]
   head_dim = hf.get("head_dim") or d // heads
@@ -232,7 +313,9 @@ def _llama_from_hf(family: str, hf: dict[str, Any]) -> dict[str, Any]:
       mlp_bias=family == "llama" and hf.get("mlp_bias", False),
       rope_theta=rope_theta, rope_type=rope_type, rope_scaling=rope_scaling,
       sliding_window=_sliding_window_from_hf(family, hf),
-      tie_embeddings=hf.get("tie_word_embeddings", False))
+      tie_embeddings=hf.get("tie_word_embeddings", False),
+      **(dict(n_experts=hf["num_local_experts"], n_experts_per_tok=hf["num_experts_per_tok"], router="softmax",
+              moe_aux_loss_coef=hf.get("router_aux_loss_coef", 0.0)) if family == "mixtral" else {}))
 
 
 def _llama_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -242,21 +325,27 @@ def _llama_to_hf(cfg: ModelConfig) -> dict[str, Any]:
          f"{cfg.family} on Hugging Face needs rotary positions and no learned position table")
   biases = (cfg.qkv_bias, cfg.out_bias, cfg.mlp_bias)
   ok = {"llama": cfg.qkv_bias == cfg.out_bias,  # `attention_bias` covers q, k, v and o.
-        "mistral": biases == (False, False, False), "qwen2": biases == (True, False, False)}[cfg.family]
+        "mistral": biases == (False, False, False), "mixtral": biases == (False, False, False),
+        "qwen2": biases == (True, False, False)}[cfg.family]
   _check(ok, f"{cfg.family} on Hugging Face cannot have (qkv_bias, out_bias, mlp_bias)={biases}")
   _check(cfg.family != "llama" or cfg.sliding_window is None, "llama on Hugging Face has no sliding window")
-  rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta,
-          **{k: int(v) if k == "original_max_position_embeddings" else v for k, v in cfg.rope_params.items()}}
   hf = {"hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.num_heads_kv, "head_dim": cfg.dim_per_head,
         "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_parameters": rope, "rope_theta": cfg.rope_theta}  # transformers >= 5, and < 5 below.
-  if cfg.rope_type != "default":
-    hf["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+        **_rope_to_hf(cfg)}
   if cfg.family == "llama":
     hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
   elif cfg.family == "mistral":
     hf.update(sliding_window=cfg.sliding_window)
+  elif cfg.family == "mixtral":
+    _check(cfg.router == "softmax" and cfg.norm_topk_prob and cfg.routed_scaling_factor == 1.0
+           and cfg.n_shared_experts == 0 and cfg.first_k_dense == 0 and cfg.expert_d_ff == cfg.d_ff
+           and cfg.attention == "gqa" and cfg.mtp_depth == 0 and cfg.n_experts > 0,
+           "Mixtral on Hugging Face has experts in every layer of width d_ff, a softmax router with renormalised "
+           "top-k gates, no shared experts, grouped-query attention and no multi-token prediction")
+    hf.update(sliding_window=cfg.sliding_window, num_local_experts=cfg.n_experts,
+              num_experts_per_tok=cfg.n_experts_per_tok, router_aux_loss_coef=cfg.moe_aux_loss_coef,
+              output_router_logits=False)
   else:  # Qwen2 slides the window in layers >= max_window_layers.
     window = cfg.sliding_window is not None
     hf.update(use_sliding_window=window, sliding_window=cfg.sliding_window,
@@ -264,23 +353,28 @@ def _llama_to_hf(cfg: ModelConfig) -> dict[str, Any]:
   return hf
 
 
-def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, str, tuple[tuple[str, float], ...]]:
-  """(theta, type, scaling) from transformers 5 `rope_parameters` or the older `rope_theta` + `rope_scaling`."""
-  params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})  # transformers' own precedence.
+def _rope_from_hf(hf: dict[str, Any], yarn: bool = False) -> tuple[float, str, tuple[tuple[str, float], ...]]:
+  """(theta, type, scaling) from transformers 5 `rope_parameters` or the older `rope_theta` + `rope_scaling`.
+  YaRN is accepted only where the model supports it (`yarn`: latent attention)."""
+  params = {k: v for k, v in dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {}).items()
+            if v is not None}  # transformers' own precedence; DeepSeek configs carry unset (None) YaRN keys.
   theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
   rope_type = params.pop("rope_type", params.pop("type", "default"))
-  _check(rope_type in ROPE_KEYS, f"unsupported rope_type {rope_type!r}; supported: {sorted(ROPE_KEYS)}")
+  supported = sorted(t for t in ROPE_KEYS if yarn or t != "yarn")
+  _check(rope_type in supported, f"unsupported rope_type {rope_type!r}; supported: {supported}")
   if rope_type == "llama3":
     params.setdefault("original_max_position_embeddings", hf["max_position_embeddings"])
   _check(params.get("partial_rotary_factor", 1.0) == 1.0, "partial_rotary_factor is not supported")
   params.pop("partial_rotary_factor", None)
-  _check(set(params) == set(ROPE_KEYS[rope_type]),
-         f"rope_type {rope_type!r} expects parameters {sorted(ROPE_KEYS[rope_type])}, got {sorted(params)}")
+  optional = set(ROPE_OPTIONAL_KEYS.get(rope_type, ()))
+  _check(set(ROPE_KEYS[rope_type]) <= set(params) <= set(ROPE_KEYS[rope_type]) | optional,
+         f"rope_type {rope_type!r} expects parameters {sorted(ROPE_KEYS[rope_type])} (optional: "
+         f"{sorted(optional)}), got {sorted(params)}")
   return float(theta), rope_type, rope_scaling_tuple(params)
 
 
 def _sliding_window_from_hf(family: str, hf: dict[str, Any]) -> int | None:
-  if family == "mistral":
+  if family in ("mistral", "mixtral"):
     return hf.get("sliding_window")
   if family == "llama" or not hf.get("use_sliding_window", False):
     return None
@@ -291,6 +385,59 @@ def _sliding_window_from_hf(family: str, hf: dict[str, Any]) -> int | None:
          f"Qwen2 with a sliding window in only some layers (max_window_layers={first} < num_hidden_layers="
          f"{n_layers}) is not supported")
   return hf["sliding_window"] if layer_types[0] == "sliding_attention" else None
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+  """transformers 5 `rope_parameters`, plus `rope_theta` and `rope_scaling` for older versions."""
+  rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta,
+          **{k: int(v) if k == "original_max_position_embeddings" else v for k, v in cfg.rope_params.items()}}
+  hf = {"rope_parameters": rope, "rope_theta": cfg.rope_theta}
+  if cfg.rope_type != "default":
+    hf["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+  return hf
+
+
+def _deepseek_v3_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+  """DeepSeek-V3: MLA, the dense first `first_k_dense_replace` layers, sigmoid group-limited routing."""
+  _check(hf.get("hidden_act", "silu") == "silu", f"hidden_act={hf.get('hidden_act')!r}: only silu is supported")
+  _check(not hf.get("attention_bias", False), "DeepSeek-V3 with attention_bias=True is not supported")
+  heads = hf["num_attention_heads"]
+  _check(hf.get("num_key_value_heads") in (None, heads),
+         f"num_key_value_heads={hf.get('num_key_value_heads')} must equal num_attention_heads={heads} (MLA)")
+  rope_theta, rope_type, rope_scaling = _rope_from_hf(hf, yarn=True)
+  return dict(
+      d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads, n_kv_heads=None,
+      d_ff=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"], norm="rms",
+      norm_eps=hf["rms_norm_eps"], mlp="swiglu", activation="silu", rope_theta=rope_theta, rope_type=rope_type,
+      rope_scaling=rope_scaling, tie_embeddings=hf.get("tie_word_embeddings", False), attention="mla",
+      q_lora_rank=hf.get("q_lora_rank"), kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
+      qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
+      rope_interleave=hf.get("rope_interleave", True), n_experts=hf["n_routed_experts"],
+      n_experts_per_tok=hf["num_experts_per_tok"], moe_d_ff=hf["moe_intermediate_size"],
+      n_shared_experts=hf.get("n_shared_experts") or 0, first_k_dense=hf.get("first_k_dense_replace") or 0,
+      router="sigmoid", n_group=hf.get("n_group") or 1, topk_group=hf.get("topk_group") or 1,
+      norm_topk_prob=hf.get("norm_topk_prob", True), routed_scaling_factor=hf.get("routed_scaling_factor", 1.0),
+      moe_aux_loss_coef=hf.get("aux_loss_alpha", 0.0))  # DeepSeek's config.json name; transformers ignores it.
+
+
+def _deepseek_v3_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+  """Multi-token-prediction modules are not exported (transformers does not run them): num_nextn_predict_layers
+  is 0 and `save_pretrained` leaves `params["mtp"]` out."""
+  _check(cfg.attention == "mla" and cfg.router == "sigmoid" and cfg.n_experts > 0 and cfg.norm == "rms"
+         and cfg.mlp == "swiglu" and cfg.activation == "silu" and cfg.sliding_window is None
+         and not (cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias) and not cfg.learned_positions,
+         "DeepSeek-V3 on Hugging Face needs attention=mla, a sigmoid router with experts, RMSNorm, SwiGLU (silu), "
+         "rotary positions only, no sliding window and no biases")
+  return {"hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "moe_intermediate_size": cfg.expert_d_ff,
+          "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_heads,
+          "n_shared_experts": cfg.n_shared_experts, "n_routed_experts": cfg.n_experts,
+          "routed_scaling_factor": cfg.routed_scaling_factor, "kv_lora_rank": cfg.kv_lora_rank,
+          "q_lora_rank": cfg.q_lora_rank, "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim,
+          "qk_nope_head_dim": cfg.qk_nope_head_dim, "n_group": cfg.n_group, "topk_group": cfg.topk_group,
+          "num_experts_per_tok": cfg.n_experts_per_tok, "first_k_dense_replace": cfg.first_k_dense,
+          "norm_topk_prob": cfg.norm_topk_prob, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
+          "rms_norm_eps": cfg.norm_eps, "rope_interleave": cfg.rope_interleave, "attention_bias": False,
+          "num_nextn_predict_layers": 0, "aux_loss_alpha": cfg.moe_aux_loss_coef, **_rope_to_hf(cfg)}
 
 
 def _gpt2_from_hf(hf: dict[str, Any]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ Norms, softmax and RoPE run in float32 whatever the compute dtype.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -15,6 +16,15 @@ import jax.numpy as jnp
 from jpllm_jax.models.config import ModelConfig
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row gives no NaN.
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+  """One weight of the `param_specs` table: shape, logical axes and initialiser."""
+  shape: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  init: str  # "normal", "out" (normal scaled for residual outputs), "ones", "zeros".
+  dtype: str | None = None  # None: the config's param_dtype (DeepSeek's router is always float32).
 
 
 # ----------------------------------------------------------------------------------------------- norms
@@ -43,7 +53,7 @@ def norm(cfg: ModelConfig, p: dict, x):
 # ---------------------------------------------------------------------------------------------- RoPE
 def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
   """Inverse frequencies [E/2] of the rotary embedding, with the config's scaling rule applied."""
-  dim = cfg.dim_per_head
+  dim = cfg.rope_dim
   inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
   p = cfg.rope_params
   if cfg.rope_type == "linear":
@@ -58,7 +68,37 @@ def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
     inv_freq = jnp.where(medium, smoothed, scaled)
+  elif cfg.rope_type == "yarn":
+    # YaRN (arXiv:2309.00071) as transformers computes it: interpolate (divide by `factor`) the frequencies
+    # that rotate fewer than beta_slow times over the original context, keep those above beta_fast.
+    factor, old_len = p["factor"], p["original_max_position_embeddings"]
+
+    def correction_dim(rotations):
+      return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+    low, high = correction_dim(p.get("beta_fast", 32.0)), correction_dim(p.get("beta_slow", 1.0))
+    if p.get("truncate", 1.0):
+      low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / ((high - low) or 0.001), 0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
   return inv_freq
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+  return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+  """YaRN's factor on the rotated q and k (transformers scales cos and sin by it); 1 for other types."""
+  if cfg.rope_type != "yarn":
+    return 1.0
+  p = cfg.rope_params
+  if "attention_factor" in p:
+    return p["attention_factor"]
+  if p.get("mscale") and p.get("mscale_all_dim"):
+    return yarn_mscale(p["factor"], p["mscale"]) / yarn_mscale(p["factor"], p["mscale_all_dim"])
+  return yarn_mscale(p["factor"])
 
 
 def apply_rope(x_BTNE, positions_BT, inv_freq):
@@ -70,6 +110,12 @@ def apply_rope(x_BTNE, positions_BT, inv_freq):
   x1, x2 = jnp.split(x, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BTNE.dtype)
+
+
+def deinterleave(x):
+  """(x0, x1, x2, x3, ...) -> (x0, x2, ..., x1, x3, ...): DeepSeek's interleaved RoPE pairs (2i, 2i + 1) in
+  the rotate-half layout of `apply_rope`. q and k are permuted alike, so their dot products are unchanged."""
+  return jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
 
 
 # ----------------------------------------------------------------------------------------- attention
@@ -87,38 +133,42 @@ def attention_mask(q_index_BT, k_index_S, q_segment_BT, k_segment_BS, sliding_wi
   return mask
 
 
-def attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS):
+def attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, scale: float | None = None):
   """Softmax attention with grouped query heads (no key/value repetition); softmax in float32.
 
   Heads are moved in front so that both products are batched matmuls over (batch, kv head) with the
-  G query heads of a group stacked as rows.
+  G query heads of a group stacked as rows. `scale` defaults to 1/sqrt(E); values may have their own
+  head size (MLA's v_head_dim).
   """
   b, t, h, e = q_BTHE.shape
   kv = k_BSKE.shape[2]
+  ev = v_BSKE.shape[-1]
   g = h // kv
+  scale = 1.0 / math.sqrt(e) if scale is None else scale
   q = q_BTHE.reshape(b, t, kv, g, e).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, e)
   k = k_BSKE.transpose(0, 2, 1, 3)
   v = v_BSKE.transpose(0, 2, 1, 3)
-  logits = jnp.einsum("bkqe,bkse->bkqs", q, k, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(e))
+  logits = jnp.einsum("bkqe,bkse->bkqs", q, k, preferred_element_type=jnp.float32) * scale
   logits = jnp.where(mask_BTS[:, None, None], logits.reshape(b, kv, g, t, -1), MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
   out = jnp.einsum("bkqs,bkse->bkqe", probs, v)
-  return out.reshape(b, kv, g, t, e).transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
+  return out.reshape(b, kv, g, t, ev).transpose(0, 3, 1, 2, 4).reshape(b, t, h, ev)
 
 
-def causal_attention(q_BTHE, k_BTKE, v_BTKE, mask_BTT, sliding_window: int | None, block: int = 128):
+def causal_attention(q_BTHE, k_BTKE, v_BTKE, mask_BTT, sliding_window: int | None, block: int = 128,
+                     scale: float | None = None):
   """Self-attention of a sequence on itself, skipping key blocks that the causal mask (and the sliding
   window) hide: query block [i, i + block) only reads keys [i - window + 1, i + block). About half the
   FLOPs and memory traffic of the full T x T product for long sequences; identical results.
   """
   t = q_BTHE.shape[1]
   if t <= block:
-    return attention(q_BTHE, k_BTKE, v_BTKE, mask_BTT)
+    return attention(q_BTHE, k_BTKE, v_BTKE, mask_BTT, scale)
   outs = []
   for i in range(0, t, block):
     hi = min(i + block, t)
     lo = 0 if sliding_window is None else max(0, i - sliding_window + 1)
-    outs.append(attention(q_BTHE[:, i:hi], k_BTKE[:, lo:hi], v_BTKE[:, lo:hi], mask_BTT[:, i:hi, lo:hi]))
+    outs.append(attention(q_BTHE[:, i:hi], k_BTKE[:, lo:hi], v_BTKE[:, lo:hi], mask_BTT[:, i:hi, lo:hi], scale))
   return jnp.concatenate(outs, axis=1)
 
 

@@ -1,12 +1,16 @@
-"""The dense decoder stack shared by all families: parameter table, init, forward, KV-cache forward.
+"""The decoder stack shared by all families: parameter table, init, forward, KV-cache forward.
 
 Parameters are a plain nested dict of arrays. The layers are stacked on a leading `layers` axis and run
 with `jax.lax.scan`, so compile time does not grow with depth. `param_specs` is the single table of
 every weight's shape, logical axes and initialiser; `init` and `param_axes` are both read off it.
+
+Stacks: `layers` holds the layers with the dense MLP (all of them in a dense model); a mixture-of-experts
+model puts its MoE layers (moe.py) in a second stack `layers_moe`, after the first `first_k_dense` dense
+ones. Attention is grouped-query attention or, with `attention="mla"`, DeepSeek's latent attention (mla.py).
+`mtp` holds the optional multi-token-prediction blocks.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Callable
 
@@ -14,31 +18,48 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jpllm_jax.models import layers
+from jpllm_jax.models import layers, mla, moe
 from jpllm_jax.models.config import ModelConfig
+from jpllm_jax.models.layers import ParamSpec
 from jpllm_jax.parallel.logical import logical_constraint
 
 Params = dict[str, Any]
 BTD = ("batch", "length", "embed")
 
 
-@dataclasses.dataclass(frozen=True)
-class ParamSpec:
-  shape: tuple[int, ...]
-  axes: tuple[str | None, ...]
-  init: str  # "normal", "out" (normal scaled for residual outputs), "ones", "zeros".
-
-
 def param_specs(cfg: ModelConfig) -> dict[str, Any]:
   """Nested dict of `ParamSpec`, with the structure of the parameters."""
-  L, D, H, K, E, F, V = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.num_heads_kv, cfg.dim_per_head,
-                         cfg.d_ff, cfg.vocab_size)
+  D, V, M = cfg.d_model, cfg.vocab_size, cfg.mtp_depth
+  specs = {
+      "embed": {"embedding": ParamSpec((V, D), ("vocab", "embed"), "normal")},
+      "final_norm": _norm_specs(cfg),
+  }
+  if cfg.n_dense_layers:
+    specs["layers"] = _layer_specs(cfg, cfg.n_dense_layers, moe_layer=False)
+  if cfg.n_moe_layers:
+    specs["layers_moe"] = _layer_specs(cfg, cfg.n_moe_layers, moe_layer=True)
+  if cfg.learned_positions:
+    specs["pos_embed"] = {"embedding": ParamSpec((cfg.max_seq_len, D), (None, "embed"), "normal")}
+  if not cfg.tie_embeddings:
+    specs["lm_head"] = {"kernel": ParamSpec((D, V), ("embed", "vocab"), "normal")}
+  if M:  # DeepSeek-V3 MTP modules: norms of the embedding and the hidden state, their projection, a block, a norm.
+    specs["mtp"] = {"enorm": _norm_specs(cfg, M), "hnorm": _norm_specs(cfg, M),
+                    "proj": {"kernel": ParamSpec((M, 2 * D, D), ("layers", None, "embed"), "normal")},
+                    "block": _layer_specs(cfg, M, moe_layer=cfg.n_experts > 0), "norm": _norm_specs(cfg, M)}
+  return specs
 
-  def norm_p(*lead, lead_axes=()):
-    p = {"scale": ParamSpec((*lead, D), (*lead_axes, "embed"), "ones")}
-    if cfg.norm == "layer":
-      p["bias"] = ParamSpec((*lead, D), (*lead_axes, "embed"), "zeros")
-    return p
+
+def _norm_specs(cfg: ModelConfig, n: int | None = None) -> dict[str, ParamSpec]:
+  lead, lead_axes = ((), ()) if n is None else ((n,), ("layers",))
+  p = {"scale": ParamSpec((*lead, cfg.d_model), (*lead_axes, "embed"), "ones")}
+  if cfg.norm == "layer":
+    p["bias"] = ParamSpec((*lead, cfg.d_model), (*lead_axes, "embed"), "zeros")
+  return p
+
+
+def _layer_specs(cfg: ModelConfig, L: int, moe_layer: bool) -> dict[str, Any]:
+  """The weights of `L` stacked layers: attention, and the dense MLP or the MoE feed-forward."""
+  D, H, K, E, F = cfg.d_model, cfg.n_heads, cfg.num_heads_kv, cfg.dim_per_head, cfg.d_ff
 
   def proj(shape, axes, bias_shape=None, bias_axes=None, init="normal"):
     p = {"kernel": ParamSpec((L, *shape), ("layers", *axes), init)}
@@ -47,15 +68,23 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
     return p
 
   qkv_b = cfg.qkv_bias
-  attn = {
-      "q": proj((D, H, E), ("embed", "heads", "head_dim"), *(((H, E), ("heads", "head_dim")) if qkv_b else ())),
-      "k": proj((D, K, E), ("embed", "kv_heads", "head_dim"),
-                *(((K, E), ("kv_heads", "head_dim")) if qkv_b else ())),
-      "v": proj((D, K, E), ("embed", "kv_heads", "head_dim"),
-                *(((K, E), ("kv_heads", "head_dim")) if qkv_b else ())),
-      "o": proj((H, E, D), ("heads", "head_dim", "embed"), *(((D,), ("embed",)) if cfg.out_bias else ()),
-                init="out"),
-  }
+  if cfg.attention == "mla":
+    attn = mla.param_specs(cfg, L)
+  else:
+    attn = {
+        "q": proj((D, H, E), ("embed", "heads", "head_dim"),
+                  *(((H, E), ("heads", "head_dim")) if qkv_b else ())),
+        "k": proj((D, K, E), ("embed", "kv_heads", "head_dim"),
+                  *(((K, E), ("kv_heads", "head_dim")) if qkv_b else ())),
+        "v": proj((D, K, E), ("embed", "kv_heads", "head_dim"),
+                  *(((K, E), ("kv_heads", "head_dim")) if qkv_b else ())),
+        "o": proj((H, E, D), ("heads", "head_dim", "embed"), *(((D,), ("embed",)) if cfg.out_bias else ()),
+                  init="out"),
+    }
+  layer = {"attn_norm": _norm_specs(cfg, L), "attn": attn, "mlp_norm": _norm_specs(cfg, L)}
+  if moe_layer:
+    layer.update(moe.param_specs(cfg, L))
+    return layer
   mlp_b = cfg.mlp_bias
   mlp = {
       "up": proj((D, F), ("embed", "mlp"), *(((F,), ("mlp",)) if mlp_b else ())),
@@ -63,21 +92,8 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
   }
   if cfg.mlp == "swiglu":
     mlp["gate"] = proj((D, F), ("embed", "mlp"), *(((F,), ("mlp",)) if mlp_b else ()))
-  specs = {
-      "embed": {"embedding": ParamSpec((V, D), ("vocab", "embed"), "normal")},
-      "layers": {
-          "attn_norm": norm_p(L, lead_axes=("layers",)),
-          "attn": attn,
-          "mlp_norm": norm_p(L, lead_axes=("layers",)),
-          "mlp": mlp,
-      },
-      "final_norm": norm_p(),
-  }
-  if cfg.learned_positions:
-    specs["pos_embed"] = {"embedding": ParamSpec((cfg.max_seq_len, D), (None, "embed"), "normal")}
-  if not cfg.tie_embeddings:
-    specs["lm_head"] = {"kernel": ParamSpec((D, V), ("embed", "vocab"), "normal")}
-  return specs
+  layer["mlp"] = mlp
+  return layer
 
 
 def _is_spec(x) -> bool:
@@ -91,8 +107,8 @@ def param_axes(cfg: ModelConfig) -> dict[str, Any]:
 
 def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
   """`jax.ShapeDtypeStruct` of every parameter (no memory allocated)."""
-  dtype = jnp.dtype(cfg.param_dtype)
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(cfg), is_leaf=_is_spec)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype or cfg.param_dtype)),
+                      param_specs(cfg), is_leaf=_is_spec)
 
 
 def init(cfg: ModelConfig, rng: jax.Array) -> Params:
@@ -100,10 +116,10 @@ def init(cfg: ModelConfig, rng: jax.Array) -> Params:
   specs = param_specs(cfg)
   leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
   keys = jax.random.split(rng, len(leaves))
-  dtype = jnp.dtype(cfg.param_dtype)
   out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.scaled_out_init else cfg.init_std
 
   def make(spec: ParamSpec, key):
+    dtype = jnp.dtype(spec.dtype or cfg.param_dtype)
     if spec.init == "ones":
       return jnp.ones(spec.shape, dtype)
     if spec.init == "zeros":
@@ -115,37 +131,55 @@ def init(cfg: ModelConfig, rng: jax.Array) -> Params:
 
 
 # ------------------------------------------------------------------------------------------ forward
-def _block(cfg: ModelConfig, p: Params, x, positions, mask, kv_write: Callable | None, inv_freq):
-  """One pre-norm block. `kv_write(k, v) -> (k_all, v_all)` inserts into a KV cache when decoding."""
-  h = layers.norm(cfg, p["attn_norm"], x)
-  q = layers.dense(h, p["attn"]["q"], "btd,dhe->bthe")
-  k = layers.dense(h, p["attn"]["k"], "btd,dke->btke")
-  v = layers.dense(h, p["attn"]["v"], "btd,dke->btke")
+def _gqa(cfg: ModelConfig, p: Params, h, positions, mask, kv_write: Callable | None, inv_freq):
+  """Grouped-query attention of the normed input, after the output projection."""
+  q = layers.dense(h, p["q"], "btd,dhe->bthe")
+  k = layers.dense(h, p["k"], "btd,dke->btke")
+  v = layers.dense(h, p["v"], "btd,dke->btke")
   q = checkpoint_name(logical_constraint(q, ("batch", "length", "heads", "head_dim")), "qkv_proj")
   k = checkpoint_name(logical_constraint(k, ("batch", "length", "kv_heads", "head_dim")), "qkv_proj")
   v = checkpoint_name(logical_constraint(v, ("batch", "length", "kv_heads", "head_dim")), "qkv_proj")
   if inv_freq is not None:
     q = layers.apply_rope(q, positions, inv_freq)
     k = layers.apply_rope(k, positions, inv_freq)
-  new_kv = (k, v)
   if kv_write is None:
     a = layers.causal_attention(q, k, v, mask, cfg.sliding_window)
   else:
     k, v = kv_write(k, v)
     a = layers.attention(q, k, v, mask)
   a = logical_constraint(a, ("batch", "length", "heads", "head_dim"))
-  x = x + layers.dense(a, p["attn"]["o"], "bthe,hed->btd")
-  x = logical_constraint(x, BTD)
+  return layers.dense(a, p["o"], "bthe,hed->btd")
 
-  h = layers.norm(cfg, p["mlp_norm"], x)
-  up = layers.dense(h, p["mlp"]["up"], "btd,df->btf")
+
+def _mlp(cfg: ModelConfig, p: Params, h):
+  up = layers.dense(h, p["up"], "btd,df->btf")
   if cfg.mlp == "swiglu":
-    up = layers.activation(cfg.activation, layers.dense(h, p["mlp"]["gate"], "btd,df->btf")) * up
+    up = layers.activation(cfg.activation, layers.dense(h, p["gate"], "btd,df->btf")) * up
   else:
     up = layers.activation(cfg.activation, up)
   up = logical_constraint(up, ("batch", "length", "mlp"))
-  x = x + layers.dense(up, p["mlp"]["down"], "btf,fd->btd")
-  return logical_constraint(x, BTD), new_kv
+  return layers.dense(up, p["down"], "btf,fd->btd")
+
+
+def _block(cfg: ModelConfig, p: Params, x, positions, mask, kv_write: Callable | None, inv_freq,
+           token_weights=None, with_stats: bool = False):
+  """One pre-norm block; returns (x, MoE statistics or None).
+
+  `kv_write(a, b) -> (a_all, b_all)` inserts this step's keys/values (MLA: latent and RoPE key) into a
+  cache when decoding. `token_weights` [B, T] (0 on padding) weight the MoE statistics.
+  """
+  h = layers.norm(cfg, p["attn_norm"], x)
+  attend = mla.attention if cfg.attention == "mla" else _gqa
+  x = x + attend(cfg, p["attn"], h, positions, mask, kv_write, inv_freq)
+  x = logical_constraint(x, BTD)
+
+  h = layers.norm(cfg, p["mlp_norm"], x)
+  if "router" in p:
+    y, stats = moe.ffn(cfg, p, h, token_weights, with_stats)
+  else:
+    y, stats = _mlp(cfg, p["mlp"], h), None
+  x = x + y
+  return logical_constraint(x, BTD), stats
 
 
 def _embed(cfg: ModelConfig, params: Params, tokens, positions, dtype):
@@ -195,52 +229,120 @@ def _remat(cfg: ModelConfig, body):
 
 
 def _cast_layer(p, dtype):
-  return jax.tree.map(lambda w: w.astype(dtype), p)
+  """The layer's weights in the compute dtype; the router stays as stored (it computes in float32)."""
+  return {k: v if k == "router" else jax.tree.map(lambda w: w.astype(dtype), v) for k, v in p.items()}
 
 
-def forward(cfg: ModelConfig, params: Params, tokens, *, positions=None, segment_ids=None):
-  """Logits [B, T, V] (float32) of `tokens` [B, T].
+def forward(cfg: ModelConfig, params: Params, tokens, *, positions=None, segment_ids=None, return_aux: bool = False):
+  """Logits [B, T, V] (float32) of `tokens` [B, T]; with `return_aux`, (logits, aux).
 
   `segment_ids` [B, T]: tokens attend only within their own segment (packed documents); 0 is padding.
   `positions` [B, T]: position of each token in its document (restart at 0 for each packed document).
+
+  aux (see `hidden`) adds "mtp_logits" [mtp_depth, B, T, V] when the config has MTP: row k at position i
+  predicts token i + k + 2 (its target is tokens[i + k + 2]; mask targets past the end of the document).
   """
-  x = hidden(cfg, params, tokens, positions=positions, segment_ids=segment_ids)
-  return _logits(cfg, params, x, jnp.dtype(cfg.dtype))
+  dtype = jnp.dtype(cfg.dtype)
+  if not return_aux:
+    return _logits(cfg, params, hidden(cfg, params, tokens, positions=positions, segment_ids=segment_ids), dtype)
+  x, aux = hidden(cfg, params, tokens, positions=positions, segment_ids=segment_ids, return_aux=True)
+  if "mtp_hidden" in aux:
+    aux["mtp_logits"] = jnp.stack([_logits(cfg, params, h, dtype) for h in aux.pop("mtp_hidden")])
+  return _logits(cfg, params, x, dtype), aux
 
 
-def hidden(cfg: ModelConfig, params: Params, tokens, *, positions=None, segment_ids=None):
+def hidden(cfg: ModelConfig, params: Params, tokens, *, positions=None, segment_ids=None, return_aux: bool = False):
   """The final-normed hidden states [B, T, D] (compute dtype) that `head` projects to logits. Training
-  takes these to `models.fused_cross_entropy`, which never holds the [B, T, V] logits at once."""
+  takes these to `models.fused_cross_entropy`, which never holds the [B, T, V] logits at once.
+
+  With `return_aux`, returns (hidden, aux), aux a dict of
+    "moe_aux_loss"  scalar: moe_aux_loss_coef * the balance loss averaged over MoE layers (Switch loss for the
+                    softmax router, DeepSeek-V3's sequence-wise loss for the sigmoid router); 0 for dense models.
+    "router_z_loss" scalar: router_z_loss_coef * the router z-loss averaged over MoE layers; 0 for dense models.
+    "expert_load"   [L_moe, E] (MoE models): fraction of each layer's top-k assignments per expert, the input of
+                    `moe.update_router_bias`.
+    "mtp_hidden"    [mtp_depth, B, T, D] (MTP models): final-normed hidden states of the MTP blocks.
+  Both losses are ready to add to the language-modelling loss; padding (segment id 0) is not counted.
+  """
   dtype = jnp.dtype(cfg.dtype)
   positions, segment_ids = _default_inputs(tokens, positions, segment_ids)
   index = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
   mask = layers.attention_mask(index, index[0], segment_ids, segment_ids, cfg.sliding_window)
   inv_freq = layers.rope_inv_freq(cfg) if cfg.rope_theta is not None else None
+  weights = (segment_ids != 0).astype(jnp.float32)
   x = _embed(cfg, params, tokens, positions, dtype)
 
-  def body(x, p):
-    x, _ = _block(cfg, _cast_layer(p, dtype), x, positions, mask, None, inv_freq)
-    return x, None
+  def run(x, stack, with_stats):
+    def body(x, p):
+      return _block(cfg, _cast_layer(p, dtype), x, positions, mask, None, inv_freq, weights, with_stats)
 
-  x, _ = jax.lax.scan(_remat(cfg, body), x, params["layers"])
-  return layers.norm(cfg, params["final_norm"], x)
+    return jax.lax.scan(_remat(cfg, body), x, stack)
+
+  stats = None
+  if "layers" in params:
+    x, _ = run(x, params["layers"], False)
+  if "layers_moe" in params:
+    x, stats = run(x, params["layers_moe"], return_aux)
+  out = layers.norm(cfg, params["final_norm"], x)
+  if not return_aux:
+    return out
+  zero = jnp.zeros((), jnp.float32)
+  aux = {"moe_aux_loss": zero, "router_z_loss": zero}
+  if stats is not None:
+    aux = {"moe_aux_loss": cfg.moe_aux_loss_coef * jnp.mean(stats["balance_loss"]),
+           "router_z_loss": cfg.router_z_loss_coef * jnp.mean(stats["z_loss"]),
+           "expert_load": stats["expert_load"]}
+  if cfg.mtp_depth:
+    aux["mtp_hidden"] = _mtp(cfg, params, tokens, x, positions, mask, weights, inv_freq, dtype)
+  return out, aux
+
+
+def _mtp(cfg: ModelConfig, params: Params, tokens, h, positions, mask, weights, inv_freq, dtype):
+  """DeepSeek-V3 multi-token prediction (arXiv:2412.19437 section 2.2, eq. 21-23): module k combines the
+  previous depth's hidden state h_i (the main model's last block output for k = 0) with the embedding of
+  token i + k + 1, h' = W [RMSNorm(emb); RMSNorm(h)], and runs one more block; returns the final-normed
+  outputs [M, B, T, D]. The embedding and the output head are the main model's. Positions past the end of
+  the row see token 0 in place of t_{i+k+1}. The MoE statistics of the MTP blocks are not part of aux."""
+  outs = []
+  for k in range(cfg.mtp_depth):
+    p = jax.tree.map(lambda a, k=k: a[k], params["mtp"])
+    ahead = jnp.pad(tokens[:, k + 1:], ((0, 0), (0, k + 1)))
+    e = layers.norm(cfg, p["enorm"], _embed(cfg, params, ahead, positions, dtype))
+    z = jnp.concatenate([e, layers.norm(cfg, p["hnorm"], h)], axis=-1)
+    z = layers.dense(z, _cast_layer(p["proj"], dtype), "btd,de->bte")
+    h, _ = _block(cfg, _cast_layer(p["block"], dtype), z, positions, mask, None, inv_freq, weights)
+    outs.append(layers.norm(cfg, p["norm"], h))
+  return jnp.stack(outs)
 
 
 # ----------------------------------------------------------------------------------------- KV cache
+def _cache_names(cfg: ModelConfig) -> tuple[str, str]:
+  return ("kv_latent", "k_rope") if cfg.attention == "mla" else ("k", "v")
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
-  """An empty KV cache: keys/values [L, B, S, K, E] and the segment id of each slot (0 = empty)."""
+  """An empty KV cache with the segment id of each slot (0 = empty) and, per layer,
+    keys/values [L, B, S, K, E] ("k", "v"), or for MLA only the normed latent [L, B, S, kv_lora_rank]
+    ("kv_latent") and the rotated RoPE key shared by the heads [L, B, S, qk_rope_head_dim] ("k_rope").
+  """
   dtype = jnp.dtype(dtype or cfg.dtype)
-  shape = (cfg.n_layers, batch, max_len, cfg.num_heads_kv, cfg.dim_per_head)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          "segment_ids": jnp.zeros((batch, max_len), jnp.int32)}
+  lead = (cfg.n_layers, batch, max_len)
+  if cfg.attention == "mla":
+    shapes = ((*lead, cfg.kv_lora_rank), (*lead, cfg.qk_rope_head_dim))
+  else:
+    shapes = ((*lead, cfg.num_heads_kv, cfg.dim_per_head),) * 2
+  cache = {name: jnp.zeros(shape, dtype) for name, shape in zip(_cache_names(cfg), shapes)}
+  cache["segment_ids"] = jnp.zeros((batch, max_len), jnp.int32)
+  return cache
 
 
 def forward_cached(cfg: ModelConfig, params: Params, tokens, cache: dict[str, jax.Array], cache_index,
-                   *, positions, segment_ids):
+                   *, positions, segment_ids, last_only: bool = False):
   """Runs `tokens` [B, T] written at cache slots [cache_index, cache_index + T); returns (logits, cache).
 
   Used for both prefill (T = prompt length) and decoding (T = 1). Slot i of the cache holds sequence
-  index i, so causality and the sliding window are the same rules as in `forward`.
+  index i, so causality and the sliding window are the same rules as in `forward`. `last_only`: logits of
+  the last position only ([B, 1, V]): a prefill then skips the vocabulary head of every other position.
   """
   dtype = jnp.dtype(cfg.dtype)
   b, t = tokens.shape
@@ -254,17 +356,29 @@ def forward_cached(cfg: ModelConfig, params: Params, tokens, cache: dict[str, ja
   x = _embed(cfg, params, tokens, positions, dtype)
 
   def body(x, layer):
-    p, k_cache, v_cache = layer
+    p, a_cache, b_cache = layer
     written = {}
 
-    def kv_write(k, v):
-      written["k"] = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
-      written["v"] = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
-      return written["k"].astype(dtype), written["v"].astype(dtype)
+    def kv_write(a, b):
+      written["a"] = jax.lax.dynamic_update_slice(a_cache, a.astype(a_cache.dtype),
+                                                  (0, cache_index) + (0,) * (a_cache.ndim - 2))
+      written["b"] = jax.lax.dynamic_update_slice(b_cache, b.astype(b_cache.dtype),
+                                                  (0, cache_index) + (0,) * (b_cache.ndim - 2))
+      return written["a"].astype(dtype), written["b"].astype(dtype)
 
     x, _ = _block(cfg, _cast_layer(p, dtype), x, positions, mask, kv_write, inv_freq)
-    return x, (written["k"], written["v"])
+    return x, (written["a"], written["b"])
 
-  x, (k_all, v_all) = jax.lax.scan(body, x, (params["layers"], cache["k"], cache["v"]))
+  names = _cache_names(cfg)
+  stacks = [(s, n) for s, n in (("layers", cfg.n_dense_layers), ("layers_moe", cfg.n_moe_layers)) if n]
+  if len(stacks) == 1:  # the whole cache is one stack's: no slicing, no copy.
+    x, written = jax.lax.scan(body, x, (params[stacks[0][0]], cache[names[0]], cache[names[1]]))
+  else:
+    nd = cfg.n_dense_layers
+    x, dense = jax.lax.scan(body, x, (params["layers"], cache[names[0]][:nd], cache[names[1]][:nd]))
+    x, sparse = jax.lax.scan(body, x, (params["layers_moe"], cache[names[0]][nd:], cache[names[1]][nd:]))
+    written = tuple(jnp.concatenate([d, s]) for d, s in zip(dense, sparse))
+  if last_only:
+    x = x[:, -1:]
   logits = _logits(cfg, params, layers.norm(cfg, params["final_norm"], x), dtype)
-  return logits, {"k": k_all, "v": v_all, "segment_ids": kv_segments}
+  return logits, {names[0]: written[0], names[1]: written[1], "segment_ids": kv_segments}

@@ -1,0 +1,160 @@
+"""Mixture-of-experts feed-forward layers: routers, routed and shared experts, balance statistics.
+
+Two routers (`ModelConfig.router`):
+  softmax  Mixtral: probabilities softmax(x W_r) over E experts, top-k, gates renormalised over the selected.
+  sigmoid  DeepSeek-V3 (arXiv:2412.19437, section 2.1.2): affinities s = sigmoid(x W_r); experts are selected
+           by s + b, with b a per-expert bias (`router.bias`) that is *not* trained by the optimizer but moved
+           by `update_router_bias` towards balance (auxiliary-loss-free balancing); with n_group > 1 only the
+           topk_group groups with the largest sum of their top-2 biased scores are eligible (as in transformers'
+           DeepseekV3TopkRouter). Gates are the selected *unbiased* s, normalised over the selected
+           (norm_topk_prob), times routed_scaling_factor.
+
+Parameters of a MoE layer (stacked on a leading `layers` axis):
+  router.kernel [D, E], router.bias [E] (sigmoid router only; both stored in float32 whatever the param_dtype,
+  as transformers keeps them: a bf16 bias could not take gamma = 1e-3 steps); the router computes in float32;
+  experts.gate / experts.up [E, D, F], experts.down [E, F, D], shared.{gate,up,down}.kernel (n_shared_experts).
+
+The routed experts are computed by `_routed_experts`, a plain-JAX reference that `jpllm_jax.moe.ops.moe_ffn`
+(grouped matmuls, capacity) replaces in one line.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jpllm_jax.models import layers
+from jpllm_jax.models.config import ModelConfig
+from jpllm_jax.models.layers import ParamSpec
+
+ROUTER_BIAS = ("router", "bias")  # the last keys of every non-trainable router bias in the params.
+
+
+def param_specs(cfg: ModelConfig, n: int) -> dict[str, Any]:
+  """The feed-forward weights of `n` stacked MoE layers."""
+  D, E, F = cfg.d_model, cfg.n_experts, cfg.expert_d_ff
+  router_dtype = "float32" if cfg.router == "sigmoid" else None
+  specs: dict[str, Any] = {
+      "router": {"kernel": ParamSpec((n, D, E), ("layers", "embed", None), "normal", router_dtype)},
+      "experts": {"gate": ParamSpec((n, E, D, F), ("layers", "expert", "embed", "mlp"), "normal"),
+                  "up": ParamSpec((n, E, D, F), ("layers", "expert", "embed", "mlp"), "normal"),
+                  "down": ParamSpec((n, E, F, D), ("layers", "expert", "mlp", "embed"), "out")},
+  }
+  if cfg.router == "sigmoid":
+    specs["router"]["bias"] = ParamSpec((n, E), ("layers", None), "zeros", "float32")
+  if cfg.n_shared_experts:
+    Fs = cfg.n_shared_experts * F
+    specs["shared"] = {"gate": {"kernel": ParamSpec((n, D, Fs), ("layers", "embed", "mlp"), "normal")},
+                       "up": {"kernel": ParamSpec((n, D, Fs), ("layers", "embed", "mlp"), "normal")},
+                       "down": {"kernel": ParamSpec((n, Fs, D), ("layers", "mlp", "embed"), "out")}}
+  return specs
+
+
+# --------------------------------------------------------------------------------------------- routing
+def route(cfg: ModelConfig, p: dict, x_ND):
+  """(expert_ids [N, k] int32, gates [N, k] float32, logits [N, E], probs [N, E]) for tokens `x_ND`.
+
+  `probs` are the softmax probabilities or the sigmoid affinities, the inputs of the balance losses.
+  """
+  k = cfg.n_experts_per_tok
+  logits = jnp.einsum("nd,de->ne", x_ND.astype(jnp.float32), p["kernel"].astype(jnp.float32))
+  if cfg.router == "softmax":
+    probs = jax.nn.softmax(logits, axis=-1)
+    gates, ids = jax.lax.top_k(probs, k)
+    if cfg.norm_topk_prob:
+      gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+    return ids, gates * cfg.routed_scaling_factor, logits, probs
+  scores = jax.nn.sigmoid(logits)
+  choice = scores + jax.lax.stop_gradient(p["bias"].astype(jnp.float32)) if "bias" in p else scores
+  if cfg.n_group > 1:
+    n, e = choice.shape
+    group_scores = jnp.sum(jax.lax.top_k(choice.reshape(n, cfg.n_group, e // cfg.n_group), 2)[0], axis=-1)
+    _, groups = jax.lax.top_k(group_scores, cfg.topk_group)
+    keep = jnp.sum(jax.nn.one_hot(groups, cfg.n_group, dtype=jnp.int32), axis=1) > 0  # [N, n_group]
+    choice = jnp.where(jnp.repeat(keep, e // cfg.n_group, axis=1), choice, -jnp.inf)
+  _, ids = jax.lax.top_k(choice, k)
+  gates = jnp.take_along_axis(scores, ids, axis=-1)
+  if cfg.norm_topk_prob:
+    gates = gates / (jnp.sum(gates, axis=-1, keepdims=True) + 1e-20)
+  return ids, gates * cfg.routed_scaling_factor, logits, scores
+
+
+def _routed_experts(x_ND, expert_ids_NK, gates_NK, p: dict, cfg: ModelConfig):
+  """sum_k gate_k * SwiGLU_{expert_k}(x) [N, D]: the reference method, every expert on every token with a
+  one-hot combine matrix (exact and dropless, E / k times the FLOPs; fine for tests and small E). The grouped
+  matmul op replaces it with
+    y, _ = moe_ffn(x_ND, expert_ids_NK, gates_NK, p["gate"], p["up"], p["down"],
+                   capacity_factor=cfg.capacity_factor, activation=cfg.activation)
+  """
+  combine_NE = jnp.einsum("nk,nke->ne", gates_NK, jax.nn.one_hot(expert_ids_NK, cfg.n_experts, dtype=gates_NK.dtype))
+  gate = jnp.einsum("nd,edf->nef", x_ND, p["gate"])
+  up = jnp.einsum("nd,edf->nef", x_ND, p["up"])
+  h = layers.activation(cfg.activation, gate) * up * combine_NE[..., None].astype(x_ND.dtype)
+  return jnp.einsum("nef,efd->nd", h, p["down"])
+
+
+def ffn(cfg: ModelConfig, p: dict, h_BTD, token_weights_BT=None, with_stats: bool = False):
+  """The MoE feed-forward output [B, T, D] of the normed input, and (with_stats) this layer's statistics:
+  {"balance_loss", "z_loss": scalars, "expert_load": [E]}, counting tokens with weight 1 (not padding)."""
+  b, t, d = h_BTD.shape
+  x = h_BTD.reshape(b * t, d)
+  ids, gates, logits, probs = route(cfg, p["router"], x)
+  y = _routed_experts(x, ids, gates, p["experts"], cfg).astype(h_BTD.dtype)
+  if "shared" in p:  # DeepSeekMoE's shared experts: one dense SwiGLU that every token passes through.
+    s = p["shared"]
+    gate = layers.activation(cfg.activation, layers.dense(x, s["gate"], "nd,df->nf"))
+    y = y + layers.dense(gate * layers.dense(x, s["up"], "nd,df->nf"), s["down"], "nf,fd->nd")
+  y = y.reshape(b, t, d)
+  if not with_stats:
+    return y, None
+  if token_weights_BT is None:
+    token_weights_BT = jnp.ones((b, t), jnp.float32)
+  return y, _stats(cfg, ids.reshape(b, t, -1), logits.reshape(b, t, -1), probs.reshape(b, t, -1),
+                   token_weights_BT.astype(jnp.float32))
+
+
+# ------------------------------------------------------------------------------------------ balancing
+def _stats(cfg: ModelConfig, ids_BTK, logits_BTE, probs_BTE, w_BT):
+  e, k = cfg.n_experts, cfg.n_experts_per_tok
+  counts = jnp.sum(jax.nn.one_hot(ids_BTK, e, dtype=jnp.float32), axis=2) * w_BT[..., None]  # [B, T, E]
+  n_tokens = jnp.maximum(jnp.sum(w_BT), 1.0)
+  load = jnp.sum(counts, axis=(0, 1)) / (k * n_tokens)  # fraction of the assignments per expert; sums to 1.
+  z_loss = jnp.sum(jax.nn.logsumexp(logits_BTE, axis=-1) ** 2 * w_BT) / n_tokens  # ST-MoE eq. 5.
+  if cfg.router == "softmax":
+    # Switch Transformer eq. 4 with top-k: E * sum_e f_e P_e (1 when perfectly balanced).
+    mean_probs = jnp.sum(probs_BTE * w_BT[..., None], axis=(0, 1)) / n_tokens
+    balance = e * jnp.sum(load * mean_probs)
+  else:
+    # DeepSeek-V3 eq. 17-20, per sequence (batch row): f_i = E / (k T) * count_i, P_i = mean_t s'_i with s'
+    # the affinities normalised over all experts; sum_i f_i P_i averaged over the non-empty rows.
+    row_tokens = jnp.sum(w_BT, axis=1)  # [B]
+    f = e / k * jnp.sum(counts, axis=1) / jnp.maximum(row_tokens, 1.0)[:, None]
+    s_norm = probs_BTE / jnp.sum(probs_BTE, axis=-1, keepdims=True)
+    p_mean = jnp.sum(s_norm * w_BT[..., None], axis=1) / jnp.maximum(row_tokens, 1.0)[:, None]
+    rows = (row_tokens > 0).astype(jnp.float32)
+    balance = jnp.sum(jnp.sum(f * p_mean, axis=-1) * rows) / jnp.maximum(jnp.sum(rows), 1.0)
+  return {"balance_loss": balance, "z_loss": z_loss, "expert_load": load}
+
+
+def update_router_bias(bias, load, gamma: float):
+  """DeepSeek-V3's auxiliary-loss-free balancing step: b + gamma * sign(mean(load) - load) per layer.
+
+  `bias` and `load` are [..., E] (e.g. params["layers_moe"]["router"]["bias"] [L, E] and the "expert_load"
+  [L, E] that `forward(..., return_aux=True)` returns): overloaded experts are pushed down, idle ones up.
+  """
+  load = jnp.asarray(load, jnp.float32)
+  step = gamma * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+  return (bias.astype(jnp.float32) + step).astype(bias.dtype)
+
+
+def is_router_bias(path) -> bool:
+  """Whether a `jax.tree_util` key path names a router bias (kept out of the optimizer)."""
+  keys = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
+  return keys[-2:] == ROUTER_BIAS
+
+
+def trainable_mask(params) -> Any:
+  """A pytree of bools like `params`: False for the router biases that `update_router_bias` owns, True
+  elsewhere (for `optax.masked` or to zero their updates)."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: not is_router_bias(path), params)
