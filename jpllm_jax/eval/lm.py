@@ -30,11 +30,11 @@ from jpllm_jax.models.config import ModelConfig
 from jpllm_jax.models.transformer import forward_cached, init_cache
 from jpllm_jax.tokenizer import stop_string_table
 
-BUCKETS = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+BUCKETS = (64, 128, 192, 256, 320, 384, 448, 512)  # then multiples of 128: at most 128 pad tokens per row.
 
 
-def bucket(n: int, multiple: int = 1024) -> int:
-  """The smallest bucket width >= n (beyond the table: a multiple of `multiple`)."""
+def bucket(n: int, multiple: int = 128) -> int:
+  """The padded width of a batch whose longest prompt has n tokens: few compiled shapes, little padding."""
   for b in BUCKETS:
     if n <= b:
       return b
