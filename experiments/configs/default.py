@@ -44,10 +44,13 @@ def get_config() -> ml_collections.ConfigDict:
   # The LLM-jp recipe (jpllm_jax/train/optimizer.py); warm-up is 2000 steps in the full-size presets.
   c.optim = ml_collections.ConfigDict(dict(
       lr=3e-3, warmup_steps=20, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
-      z_loss=1e-4))
+      z_loss=1e-4,
+      # MoE / MTP models only (DeepSeek-V3's values): router-bias step gamma of the auxiliary-loss-free balancing,
+      # and the weight lambda of the multi-token-prediction loss.
+      router_bias_rate=0.001, mtp_loss_coef=0.3))
   # Japanese task evaluation every `every` steps (0: off) on the first `limit` examples, logged as eval/<task>.
   c.eval = ml_collections.ConfigDict(dict(
       every=0, tasks="jcommonsenseqa,jmmlu", scoring="loglik", limit=50, shots=4, loglik_norm="char",
       batch_size=8, max_len=0, data_dir=os.path.normpath(os.path.join(_SHARED, "eval"))))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
   return c

@@ -1,10 +1,10 @@
 """Logical axis names (MaxText style) and the rules table that maps them to mesh axes.
 
 Model code names the axes of every weight and activation (`batch`, `length`, `embed`, `heads`,
-`kv_heads`, `head_dim`, `mlp`, `vocab`, `layers`) and calls `logical_constraint`. Outside an
-`axis_rules(...)` context that call is the identity, so the models run unchanged on one device; inside
-it, the activation is constrained to the sharding the rules give. Changing the parallel layout means
-changing the rules, never the model.
+`kv_heads`, `head_dim`, `mlp`, `vocab`, `layers`, and `expert` for the E dimension of expert weights) and
+calls `logical_constraint`. Outside an `axis_rules(...)` context that call is the identity, so the models
+run unchanged on one device; inside it, the activation is constrained to the sharding the rules give.
+Changing the parallel layout means changing the rules, never the model.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # Logical axes used by the models; `None` in an axes tuple marks a dimension that is never sharded.
-LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", "expert")
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 

@@ -1,8 +1,9 @@
 """Device meshes, the default logical-to-mesh rules table, and multi-host start-up.
 
 Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with sharded parameters and optimizer
-state), `tensor` (Megatron-style tensor parallel), and `stage` / `expert`, kept at size 1 until the
-pipeline and expert-parallel layouts land. A size of -1 takes the devices left over.
+state), `tensor` (Megatron-style tensor parallel), `expert` (shards the experts of MoE layers, and the
+batch with data and fsdp: moe/expert_parallel.py), and `stage`, kept at size 1 until the pipeline layout
+lands. A size of -1 takes the devices left over.
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from jpllm_jax.parallel.logical import Rules, logical_to_spec
 
 MESH_AXES = ("data", "stage", "fsdp", "expert", "tensor")
 
-# MaxText-style defaults: batch over data+fsdp, weights' embed dim over fsdp, heads/mlp/vocab over tensor.
+# MaxText-style defaults: batch over data+fsdp+expert, weights' embed dim over fsdp, heads/mlp/vocab over tensor,
+# the experts of MoE weights over expert.
 DEFAULT_RULES: Rules = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("length", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -31,6 +33,7 @@ DEFAULT_RULES: Rules = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("layers", None),  # the pipeline layout will map layers to `stage`.
+    ("expert", "expert"),  # E of the expert weights (moe/expert_parallel.py).
 )
 
 
@@ -72,6 +75,8 @@ def check_model_fits_mesh(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_R
   table = dict(rules)
   dims = {"heads": cfg.n_heads, "kv_heads": cfg.num_heads_kv, "mlp": cfg.d_ff, "vocab": cfg.vocab_size,
           "embed": cfg.d_model, "layers": cfg.n_layers}
+  if getattr(cfg, "n_experts", 0):  # dense models have no expert weights to shard.
+    dims["expert"] = cfg.n_experts
   for name, size in dims.items():
     axes = table.get(name)
     if axes is None:

@@ -9,21 +9,53 @@ import jax.numpy as jnp
 from jpllm_jax.models.config import ModelConfig
 
 
+def _attention_params(cfg: ModelConfig) -> int:
+  d, h = cfg.d_model, cfg.n_heads
+  if cfg.attention == "mla":
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    q = d * h * qk if cfg.q_lora_rank is None else d * cfg.q_lora_rank + cfg.q_lora_rank * h * qk
+    kv = d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    return q + kv + h * cfg.v_head_dim * d
+  k, e = cfg.num_heads_kv, cfg.dim_per_head
+  return d * h * e * 2 + d * k * e * 2  # q and o; k and v.
+
+
+def _ffn_params(cfg: ModelConfig, moe_layer: bool) -> int:
+  """Matmul parameters one token passes through in a feed-forward block (MoE: the router, its k routed experts
+  and the shared experts — the active parameters, not all E experts)."""
+  d = cfg.d_model
+  per_ff = d * (3 if cfg.mlp == "swiglu" else 2)
+  if not moe_layer:
+    return per_ff * cfg.d_ff
+  return d * cfg.n_experts + per_ff * cfg.expert_d_ff * (cfg.n_experts_per_tok + cfg.n_shared_experts)
+
+
 def matmul_params(cfg: ModelConfig) -> int:
-  """Parameters that take part in matmuls: every projection plus the output head (not the embedding lookup)."""
-  d, h, k, e, f = cfg.d_model, cfg.n_heads, cfg.num_heads_kv, cfg.dim_per_head, cfg.d_ff
-  attn = d * h * e * 2 + d * k * e * 2  # q and o; k and v.
-  mlp = d * f * (3 if cfg.mlp == "swiglu" else 2)
-  return cfg.n_layers * (attn + mlp) + d * cfg.vocab_size
+  """Parameters that take part in a token's matmuls: every projection (for MoE layers the router and the
+  selected and shared experts only), the output head, and the MTP modules; not the embedding lookup."""
+  attn = _attention_params(cfg)
+  layers = cfg.n_dense_layers * (attn + _ffn_params(cfg, False)) + cfg.n_moe_layers * (attn + _ffn_params(cfg, True))
+  head = cfg.d_model * cfg.vocab_size
+  mtp = cfg.mtp_depth * (2 * cfg.d_model * cfg.d_model + attn + _ffn_params(cfg, cfg.n_experts > 0) + head)
+  return layers + head + mtp
+
+
+def _score_dims(cfg: ModelConfig) -> int:
+  """Per head: the query-key dimension plus the value dimension (2 x head_dim for standard attention)."""
+  if cfg.attention == "mla":
+    return cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim
+  return 2 * cfg.dim_per_head
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  """Model FLOPs of one training token: 6 * matmul params + 12 * layers * heads * head_dim * seq_len.
+  """Model FLOPs of one training token: 6 * matmul params + 6 * layers * heads * (qk + v dims) * seq_len.
 
-  The attention term is PaLM's (appendix B), counting the full T x T score matrix; recomputation from
-  activation checkpointing is not counted (this is model FLOPs, the numerator of MFU).
+  The attention term is PaLM's (appendix B: 12 * L * H * head_dim * T when qk and v dims are equal), counting
+  the full T x T score matrix; recomputation from activation checkpointing is not counted (this is model
+  FLOPs, the numerator of MFU). MoE layers count the active experts only.
   """
-  return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.n_heads * cfg.dim_per_head * seq_len
+  layers = cfg.n_layers + cfg.mtp_depth
+  return 6.0 * matmul_params(cfg) + 6.0 * layers * cfg.n_heads * _score_dims(cfg) * seq_len
 
 
 def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:

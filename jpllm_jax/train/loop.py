@@ -32,6 +32,9 @@ from jpllm_jax.train.step import (BATCH_KEYS, StepConfig, batch_sharding, init_s
                                   make_train_step, nonfinite_leaf_name, state_shardings)
 
 
+MOE_LOG_KEYS = ("moe_loss", "mtp_loss", "moe_load_max", "moe_load_min", "moe_dropped", "router_bias_norm")
+
+
 class TrainingDiverged(RuntimeError):
   """Raised after `max_bad_steps` consecutive skipped steps."""
 
@@ -164,15 +167,17 @@ def train(config, workdir: str) -> dict[str, Any]:
   if tc.batch_size % (tc.micro_batches * jax.process_count()):
     raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by micro_batches x processes "
                      f"({tc.micro_batches} x {jax.process_count()})")
-  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  dp = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
   if tc.batch_size % dp:
     raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the data-parallel size {dp} "
-                     "(mesh data x fsdp)")
+                     "(mesh data x fsdp x expert)")
   local_batch = tc.batch_size // jax.process_count()
   tx, schedule = make_optimizer(config.optim.lr, config.optim.warmup_steps, tc.steps, config.optim.min_lr_ratio,
                                 config.optim.b1, config.optim.b2, config.optim.eps, config.optim.weight_decay,
                                 config.optim.clip_norm)
-  step_cfg = StepConfig(z_loss=config.optim.z_loss, micro_batches=tc.micro_batches, spike_factor=tc.spike_factor)
+  step_cfg = StepConfig(z_loss=config.optim.z_loss, micro_batches=tc.micro_batches, spike_factor=tc.spike_factor,
+                        mtp_loss_coef=config.optim.get("mtp_loss_coef", 0.3),
+                        router_bias_rate=config.optim.get("router_bias_rate", 0.001))
   shardings = state_shardings(cfg, tx, mesh, DEFAULT_RULES)
   init_fn = jax.jit(functools.partial(init_state, cfg, tx), out_shardings=shardings)
   rng = jax.random.key(config.seed)
@@ -229,6 +234,9 @@ def train(config, workdir: str) -> dict[str, Any]:
         elapsed = time.perf_counter() - window_start
         tps = window_tokens / elapsed
         last = {k: float(metrics[k]) for k in ("loss", "ce", "z_loss", "grad_norm", "lr")}
+        last.update({k: float(metrics[k]) for k in MOE_LOG_KEYS if k in metrics})
+        if "expert_load" in metrics:  # the load histogram: each MoE layer's fraction of assignments per expert.
+          last["expert_load"] = np.round(np.asarray(metrics["expert_load"], np.float64), 5).tolist()
         last.update(skipped=int(metrics["skipped"]), skipped_total=skipped_total + int(metrics["skipped"]),
                     tokens_per_s=tps,
                     model_tflops=tps * flops_per_token / 1e12, mfu=tps * flops_per_token / peak,

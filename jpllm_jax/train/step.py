@@ -15,6 +15,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jpllm_jax import models
+from jpllm_jax.models import moe
 from jpllm_jax.models.config import ModelConfig
 from jpllm_jax.parallel import DEFAULT_RULES, axis_rules, logical_to_spec, shardings
 from jpllm_jax.parallel.logical import Rules
@@ -30,6 +31,9 @@ class StepConfig:
   spike_factor: float = 0.0  # > 0: skip a step whose loss exceeds spike_factor x the running mean.
   ema_decay: float = 0.99
   loss_chunk: int = 512  # tokens per chunk of the fused output head + loss; 0: materialise the logits.
+  # Mixture of experts and multi-token prediction (DeepSeek-V3's values; no effect on dense models).
+  mtp_loss_coef: float = 0.3  # lambda: the MTP loss is lambda * the mean over depths of their cross-entropy.
+  router_bias_rate: float = 0.001  # gamma of the auxiliary-loss-free balancing; 0 freezes the router biases.
 
 
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array, params=None) -> State:
@@ -62,29 +66,57 @@ def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("batch", "length"), rules))
 
 
-def _loss_sums(cfg: ModelConfig, params, batch, z_loss: float, loss_chunk: int):
-  """Summed (not averaged) cross-entropy and z-loss over a batch, so micro-batches add up exactly.
-  `loss_chunk` > 0: tokens per chunk of the fused head + loss (`models.fused_cross_entropy`); 0: logits."""
+def _mtp_targets(batch, k: int):
+  """Targets and weights of MTP depth k: position i predicts token i + k + 2 (= targets[i + k + 1]) where it is
+  a real next token of the same document as token i."""
+  shift = lambda a: jnp.pad(a[:, k + 1:], ((0, 0), (0, k + 1)))
+  same_doc = (shift(batch["segment_ids"]) == batch["segment_ids"]).astype(jnp.float32)
+  return shift(batch["targets"]), batch["weights"].astype(jnp.float32) * shift(batch["weights"]) * same_doc
+
+
+def _loss_sums(cfg: ModelConfig, params, batch, z_loss: float, loss_chunk: int, mtp_loss_coef: float = 0.0):
+  """Summed (not averaged) loss terms over a batch, so micro-batches add up exactly: (total, sums) with sums
+  {"ce", "z_loss", "tokens"} and, for MoE / MTP models, "moe_loss", "expert_load" [L_moe, E], "mtp_loss" (each
+  a per-token mean times the tokens). `loss_chunk` > 0: tokens per chunk of the fused head + loss
+  (`models.fused_cross_entropy`); 0: logits."""
   kwargs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
+  with_aux = bool(cfg.n_experts or cfg.mtp_depth)
+  mtp = None
   if loss_chunk:
-    x = models.hidden(cfg, params, batch["inputs"], **kwargs)
+    out = models.hidden(cfg, params, batch["inputs"], return_aux=with_aux, **kwargs)
+    x, aux = out if with_aux else (out, {})
     w, layout = models.head(cfg, params, x.dtype)
-    total, m = models.fused_cross_entropy(x, w, layout, batch["targets"], batch["weights"], z_loss=z_loss,
-                                          chunk_tokens=loss_chunk)
+    ce_fn = lambda h, targets, weights, zl: models.fused_cross_entropy(h, w, layout, targets, weights, z_loss=zl,
+                                                                       chunk_tokens=loss_chunk)
+    total, m = ce_fn(x, batch["targets"], batch["weights"], z_loss)
+    if "mtp_hidden" in aux:
+      mtp = [ce_fn(h, *_mtp_targets(batch, k), 0.0)[1]["ce"] for k, h in enumerate(aux["mtp_hidden"])]
   else:
-    logits = models.forward(cfg, params, batch["inputs"], **kwargs)
+    out = models.forward(cfg, params, batch["inputs"], return_aux=with_aux, **kwargs)
+    logits, aux = out if with_aux else (out, {})
     total, m = models.cross_entropy(logits, batch["targets"], batch["weights"], z_loss=z_loss)
+    if "mtp_logits" in aux:
+      mtp = [models.cross_entropy(lg, *_mtp_targets(batch, k))[1]["ce"] for k, lg in enumerate(aux["mtp_logits"])]
   n = m["tokens"]
-  return total * n, (m["ce"] * n, m["z_loss"] * n, n)
+  sums = {"ce": m["ce"] * n, "z_loss": m["z_loss"] * n, "tokens": n}
+  if "expert_load" in aux:
+    sums["moe_loss"] = (aux["moe_aux_loss"] + aux["router_z_loss"]) * n
+    sums["expert_load"] = aux["expert_load"] * n
+    total = total + aux["moe_aux_loss"] + aux["router_z_loss"]
+  if mtp is not None:
+    mtp_mean = jnp.mean(jnp.stack(mtp))
+    sums["mtp_loss"] = mtp_mean * n
+    total = total + mtp_loss_coef * mtp_mean
+  return total * n, sums
 
 
 def loss_and_grads(cfg: ModelConfig, params, batch, *, z_loss: float, micro_batches: int,
-                   loss_chunk: int = 512):
+                   loss_chunk: int = 512, mtp_loss_coef: float = 0.0):
   """Token-weighted mean loss and its gradients, accumulated over `micro_batches` in a scan."""
-  grad_fn = jax.value_and_grad(functools.partial(_loss_sums, cfg, z_loss=z_loss, loss_chunk=loss_chunk),
-                               has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(_loss_sums, cfg, z_loss=z_loss, loss_chunk=loss_chunk,
+                                                 mtp_loss_coef=mtp_loss_coef), has_aux=True)
   if micro_batches == 1:
-    (_, (ce, zl, n)), grads = grad_fn(params, batch)
+    (_, sums), grads = grad_fn(params, batch)
   else:
     split = jax.tree.map(lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]), batch)
 
@@ -92,19 +124,28 @@ def loss_and_grads(cfg: ModelConfig, params, batch, *, z_loss: float, micro_batc
       (_, sums), g = grad_fn(params, mb)
       return jax.tree.map(jnp.add, acc, (g, sums)), None
 
-    zeros = (jax.tree.map(jnp.zeros_like, params), (jnp.float32(0), jnp.float32(0), jnp.float32(0)))
-    (grads, (ce, zl, n)), _ = jax.lax.scan(body, zeros, split)
-  denom = jnp.maximum(n, 1.0)
+    sums_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], split))[0][1]
+    zeros = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
+    (grads, sums), _ = jax.lax.scan(body, zeros, split)
+  denom = jnp.maximum(sums["tokens"], 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
-  return {"loss": (ce + z_loss * zl) / denom, "ce": ce / denom, "z_loss": zl / denom, "tokens": n}, grads
+  means = {k: v / denom for k, v in sums.items() if k != "tokens"}
+  loss = (means["ce"] + z_loss * means["z_loss"] + means.get("moe_loss", 0.0)
+          + mtp_loss_coef * means.get("mtp_loss", 0.0))
+  return {"loss": loss, **means, "tokens": sums["tokens"]}, grads
 
 
 def train_step(state: State, batch: dict[str, jax.Array], *, cfg: ModelConfig, tx: optax.GradientTransformation,
                schedule: optax.Schedule, step_cfg: StepConfig) -> tuple[State, dict[str, jax.Array]]:
   """One optimiser step. A step whose loss or gradients are not finite, or whose loss spikes, is skipped:
-  parameters and optimizer state stay as they were and `skipped` is 1 in the metrics."""
+  parameters and optimizer state stay as they were and `skipped` is 1 in the metrics.
+
+  MoE models: the router biases (`models.moe.trainable_mask`) get no optimizer update; they move by
+  `router_bias_rate` towards balance from this step's expert load (DeepSeek-V3's auxiliary-loss-free balancing).
+  """
   metrics, grads = loss_and_grads(cfg, state["params"], batch, z_loss=step_cfg.z_loss,
-                                  micro_batches=step_cfg.micro_batches, loss_chunk=step_cfg.loss_chunk)
+                                  micro_batches=step_cfg.micro_batches, loss_chunk=step_cfg.loss_chunk,
+                                  mtp_loss_coef=step_cfg.mtp_loss_coef)
   grad_norm = optax.tree.norm(grads)
   leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
   finite = jnp.isfinite(metrics["loss"]) & jnp.all(leaf_finite)
@@ -112,7 +153,13 @@ def train_step(state: State, batch: dict[str, jax.Array], *, cfg: ModelConfig, t
   spike = (step_cfg.spike_factor > 0) & (ema > 0) & (metrics["loss"] > step_cfg.spike_factor * ema)
   bad = ~finite | spike
   updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
+  trainable = moe.trainable_mask(updates)
+  updates = jax.tree.map(lambda u, t: u if t else jnp.zeros_like(u), updates, trainable)
   new_params = optax.apply_updates(state["params"], updates)
+  if "expert_load" in metrics and "bias" in new_params.get("layers_moe", {}).get("router", {}):
+    router = new_params["layers_moe"]["router"]
+    new_params["layers_moe"]["router"] = {**router, "bias": moe.update_router_bias(
+        router["bias"], metrics["expert_load"], step_cfg.router_bias_rate)}
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(bad, b, a), new, old)
   new_ema = jnp.where(ema > 0, step_cfg.ema_decay * ema + (1 - step_cfg.ema_decay) * metrics["loss"],
                       metrics["loss"])
@@ -128,7 +175,20 @@ def train_step(state: State, batch: dict[str, jax.Array], *, cfg: ModelConfig, t
   metrics.update(grad_norm=grad_norm, lr=schedule(count), skipped=bad.astype(jnp.int32),
                  nonfinite=(~finite).astype(jnp.int32),
                  first_nonfinite_leaf=jnp.where(jnp.all(leaf_finite), -1, jnp.argmin(leaf_finite)))
+  if "expert_load" in metrics:
+    metrics.update(moe_metrics(cfg, new_state["params"], metrics["expert_load"]))
   return new_state, metrics
+
+
+def moe_metrics(cfg: ModelConfig, params, load_LE) -> dict[str, jax.Array]:
+  """Balance of the experts: the largest and smallest load relative to uniform (1 = balanced) over layers and
+  experts, and the norm of the router biases after this step."""
+  rel = load_LE * cfg.n_experts
+  out = {"moe_load_max": jnp.max(rel), "moe_load_min": jnp.min(rel)}
+  router = params.get("layers_moe", {}).get("router", {})
+  if "bias" in router:
+    out["router_bias_norm"] = jnp.linalg.norm(router["bias"].astype(jnp.float32))
+  return out
 
 
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -148,8 +208,8 @@ def make_eval_step(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES, l
   """Jitted summed validation loss of a batch: returns (ce_sum, tokens)."""
   def evaluate(params, batch):
     with axis_rules(mesh, rules):
-      _, (ce, _, n) = _loss_sums(cfg, params, batch, 0.0, loss_chunk)
-    return ce, n
+      _, sums = _loss_sums(cfg, params, batch, 0.0, loss_chunk)
+    return sums["ce"], sums["tokens"]
 
   return jax.jit(evaluate)
 
