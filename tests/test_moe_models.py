@@ -97,8 +97,9 @@ def test_routed_experts_equal_a_per_token_loop():
   gates = rng.random((n, k)).astype(np.float32)
   p = {name: rng.normal(size=shape).astype(np.float32) * 0.3
        for name, shape in (("gate", (e, d, f)), ("up", (e, d, f)), ("down", (e, f, d)))}
-  got = moe._routed_experts(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(gates),
-                            jax.tree.map(jnp.asarray, p), cfg)
+  got, stats = moe._routed_experts(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(gates),
+                                   jax.tree.map(jnp.asarray, p), cfg)
+  assert int(stats["dropped"]) == 0 and np.array_equal(np.asarray(stats["load"]), np.bincount(ids.ravel(), minlength=e))
   want = np.zeros((n, d), np.float32)
   for t in range(n):
     for j in range(k):
@@ -116,7 +117,8 @@ def test_aux_outputs_and_padding(moe_config):
   seg = jnp.ones((B, T), jnp.int32).at[1, 8:].set(0)
   logits, aux = fwd(cfg, params, toks, segment_ids=seg, return_aux=True)
   np.testing.assert_array_equal(logits, fwd(cfg, params, toks, segment_ids=seg))
-  assert set(aux) == {"moe_aux_loss", "router_z_loss", "expert_load"}
+  assert set(aux) == {"moe_aux_loss", "router_z_loss", "expert_load", "moe_dropped"}
+  assert int(aux["moe_dropped"]) == 0  # dropless by default
   assert aux["expert_load"].shape == (cfg.n_moe_layers, cfg.n_experts)
   np.testing.assert_allclose(aux["expert_load"].sum(-1), 1.0, rtol=1e-5)
   assert float(aux["moe_aux_loss"]) > 0

@@ -14,8 +14,8 @@ Parameters of a MoE layer (stacked on a leading `layers` axis):
   as transformers keeps them: a bf16 bias could not take gamma = 1e-3 steps); the router computes in float32;
   experts.gate / experts.up [E, D, F], experts.down [E, F, D], shared.{gate,up,down}.kernel (n_shared_experts).
 
-The routed experts are computed by `_routed_experts`, a plain-JAX reference that `jpllm_jax.moe.ops.moe_ffn`
-(grouped matmuls, capacity) replaces in one line.
+The routed experts are computed by `_routed_experts` with grouped matmuls (`jpllm_jax.moe.moe_ffn`), or with
+expert parallelism over the `expert` mesh axis (`jpllm_jax.parallel.expert`).
 """
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ import jax.numpy as jnp
 from jpllm_jax.models import layers
 from jpllm_jax.models.config import ModelConfig
 from jpllm_jax.models.layers import ParamSpec
+from jpllm_jax.moe.ops import moe_ffn
+from jpllm_jax.parallel.expert import moe_ffn_expert_parallel
+from jpllm_jax.parallel.logical import current_rules, logical_to_spec
 
 ROUTER_BIAS = ("router", "bias")  # the last keys of every non-trainable router bias in the params.
 
@@ -81,17 +84,24 @@ def route(cfg: ModelConfig, p: dict, x_ND):
 
 
 def _routed_experts(x_ND, expert_ids_NK, gates_NK, p: dict, cfg: ModelConfig):
-  """sum_k gate_k * SwiGLU_{expert_k}(x) [N, D]: the reference method, every expert on every token with a
-  one-hot combine matrix (exact and dropless, E / k times the FLOPs; fine for tests and small E). The grouped
-  matmul op replaces it with
-    y, _ = moe_ffn(x_ND, expert_ids_NK, gates_NK, p["gate"], p["up"], p["down"],
-                   capacity_factor=cfg.capacity_factor, activation=cfg.activation)
+  """sum_k gate_k * SwiGLU_{expert_k}(x) [N, D] and the dispatch statistics ("load" [E], "dropped" []).
+
+  Grouped matmuls (`jpllm_jax.moe.moe_ffn`: tokens sorted into per-expert groups, the implementation chosen by
+  backend, capacity dropping when `capacity_factor` is set). Under `axis_rules` with an `expert` mesh axis
+  larger than 1, the experts are sharded over it and tokens travel by all-to-all
+  (`jpllm_jax.parallel.expert.moe_ffn_expert_parallel`), with tokens sharded like the `batch` axis.
   """
-  combine_NE = jnp.einsum("nk,nke->ne", gates_NK, jax.nn.one_hot(expert_ids_NK, cfg.n_experts, dtype=gates_NK.dtype))
-  gate = jnp.einsum("nd,edf->nef", x_ND, p["gate"])
-  up = jnp.einsum("nd,edf->nef", x_ND, p["up"])
-  h = layers.activation(cfg.activation, gate) * up * combine_NE[..., None].astype(x_ND.dtype)
-  return jnp.einsum("nef,efd->nd", h, p["down"])
+  kwargs = dict(capacity_factor=cfg.capacity_factor, activation=cfg.activation)
+  state = current_rules()
+  if state is not None and state[0].shape.get("expert", 1) > 1:
+    mesh, rules = state
+    batch_axes = logical_to_spec(("batch",), rules)[0] or ()
+    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+    tensor = logical_to_spec(("mlp",), rules)[0]
+    return moe_ffn_expert_parallel(x_ND, expert_ids_NK, gates_NK, p["gate"], p["up"], p["down"], mesh=mesh,
+                                   token_axes=batch_axes, tensor_axis=tensor if isinstance(tensor, str) else None,
+                                   **kwargs)
+  return moe_ffn(x_ND, expert_ids_NK, gates_NK, p["gate"], p["up"], p["down"], **kwargs)
 
 
 def ffn(cfg: ModelConfig, p: dict, h_BTD, token_weights_BT=None, with_stats: bool = False):
@@ -100,7 +110,8 @@ def ffn(cfg: ModelConfig, p: dict, h_BTD, token_weights_BT=None, with_stats: boo
   b, t, d = h_BTD.shape
   x = h_BTD.reshape(b * t, d)
   ids, gates, logits, probs = route(cfg, p["router"], x)
-  y = _routed_experts(x, ids, gates, p["experts"], cfg).astype(h_BTD.dtype)
+  y, dispatch = _routed_experts(x, ids, gates, p["experts"], cfg)
+  y = y.astype(h_BTD.dtype)
   if "shared" in p:  # DeepSeekMoE's shared experts: one dense SwiGLU that every token passes through.
     s = p["shared"]
     gate = layers.activation(cfg.activation, layers.dense(x, s["gate"], "nd,df->nf"))
@@ -110,8 +121,9 @@ def ffn(cfg: ModelConfig, p: dict, h_BTD, token_weights_BT=None, with_stats: boo
     return y, None
   if token_weights_BT is None:
     token_weights_BT = jnp.ones((b, t), jnp.float32)
-  return y, _stats(cfg, ids.reshape(b, t, -1), logits.reshape(b, t, -1), probs.reshape(b, t, -1),
-                   token_weights_BT.astype(jnp.float32))
+  stats = _stats(cfg, ids.reshape(b, t, -1), logits.reshape(b, t, -1), probs.reshape(b, t, -1),
+                 token_weights_BT.astype(jnp.float32))
+  return y, {**stats, "dropped": dispatch["dropped"]}
 
 
 # ------------------------------------------------------------------------------------------ balancing

@@ -261,6 +261,7 @@ def hidden(cfg: ModelConfig, params: Params, tokens, *, positions=None, segment_
     "router_z_loss" scalar: router_z_loss_coef * the router z-loss averaged over MoE layers; 0 for dense models.
     "expert_load"   [L_moe, E] (MoE models): fraction of each layer's top-k assignments per expert, the input of
                     `moe.update_router_bias`.
+    "moe_dropped"   int32 (MoE models): (token, expert) assignments dropped by the capacity, over all MoE layers.
     "mtp_hidden"    [mtp_depth, B, T, D] (MTP models): final-normed hidden states of the MTP blocks.
   Both losses are ready to add to the language-modelling loss; padding (segment id 0) is not counted.
   """
@@ -291,7 +292,7 @@ def hidden(cfg: ModelConfig, params: Params, tokens, *, positions=None, segment_
   if stats is not None:
     aux = {"moe_aux_loss": cfg.moe_aux_loss_coef * jnp.mean(stats["balance_loss"]),
            "router_z_loss": cfg.router_z_loss_coef * jnp.mean(stats["z_loss"]),
-           "expert_load": stats["expert_load"]}
+           "expert_load": stats["expert_load"], "moe_dropped": jnp.sum(stats["dropped"])}
   if cfg.mtp_depth:
     aux["mtp_hidden"] = _mtp(cfg, params, tokens, x, positions, mask, weights, inv_freq, dtype)
   return out, aux

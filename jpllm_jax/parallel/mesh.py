@@ -2,7 +2,7 @@
 
 Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with sharded parameters and optimizer
 state), `tensor` (Megatron-style tensor parallel), `expert` (shards the experts of MoE layers, and the
-batch with data and fsdp: moe/expert_parallel.py), and `stage`, kept at size 1 until the pipeline layout
+batch with data and fsdp: parallel/expert.py), and `stage`, kept at size 1 until the pipeline layout
 lands. A size of -1 takes the devices left over.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ DEFAULT_RULES: Rules = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("layers", None),  # the pipeline layout will map layers to `stage`.
-    ("expert", "expert"),  # E of the expert weights (moe/expert_parallel.py).
+    ("expert", "expert"),  # E of the expert weights (parallel/expert.py).
 )
 
 

@@ -1,0 +1,1 @@
+"""Pallas kernels used by the library (jpllm_jax); each module holds one kernel family and its VJP."""

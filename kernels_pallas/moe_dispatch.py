@@ -1,0 +1,161 @@
+"""Grouped matmul (GMM) over expert-sorted row blocks for mixture-of-experts layers, in Pallas.
+
+The rows of `lhs` are token assignments sorted by expert and padded so that each expert's group fills whole
+blocks of `block_rows` rows (the "megablocks" layout, Gale et al. 2022): block `b` belongs to expert
+`block_expert[b]`, and the blocks of expert `e` are `block_offsets[e]:block_offsets[e + 1]`. Blocks past the
+last group carry the expert id `E` (no expert) and produce zeros. Then
+
+  gmm(lhs, rhs)[b-th block]      = lhs[b-th block] @ rhs[block_expert[b]]          (forward, and dx with rhs^T)
+  tgmm(lhs, dout)[e]             = sum over blocks b of e: lhs[b-th block]^T @ dout[b-th block]   (dW)
+
+`grouped_matmul` ties them together with a custom VJP. The kernels read the block tables and the weights as
+whole arrays and index them inside the kernel (no scalar prefetch), which the Triton lowering (GPU) and the
+interpreter (CPU tests, `interpret=True`) both accept; tile sizes are powers of two, as Triton requires. The
+Mosaic TPU lowering would need the weights in VMEM, so TPU callers should use `jax.lax.ragged_dot` instead.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+
+def _tile(dim: int, cap: int = 64) -> int:
+  """The largest power of two <= cap that divides dim (a Triton tile size)."""
+  t = cap
+  while dim % t:
+    t //= 2
+  return t
+
+
+def _interpret(interpret: bool | None) -> bool:
+  return jax.default_backend() == "cpu" if interpret is None else interpret
+
+
+def _compiler_params(interpret: bool):
+  """Triton settings on GPU; none for the interpreter. Other backends are refused (see module docstring)."""
+  if interpret:
+    return None
+  backend = jax.default_backend()
+  if backend != "gpu":
+    raise NotImplementedError(f"the Pallas GMM kernel lowers for GPU (Triton) only, not {backend!r}; "
+                              "use interpret=True or jax.lax.ragged_dot")
+  from jax.experimental.pallas import triton as pltriton  # pylint: disable=import-outside-toplevel
+  return pltriton.CompilerParams(num_warps=4, num_stages=3)
+
+
+def _dot(a, b, contract_a: int, contract_b: int):
+  """2-D product contracting a's and b's given dims, accumulated in f32 (lowers to tl.dot under Triton)."""
+  return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _gmm_kernel(be_ref, lhs_ref, rhs_ref, out_ref, *, num_experts: int, bk: int, nk: int, transpose_rhs: bool):
+  """One (row block, column tile) of the output: lhs block @ rhs[expert of the block] over K tiles."""
+  i, j = pl.program_id(0), pl.program_id(1)
+  e = be_ref[i]
+  bm, bn = out_ref.shape
+
+  @pl.when(e < num_experts)
+  def _():
+    def body(t, acc):
+      a = lhs_ref[:, pl.ds(t * bk, bk)]
+      if transpose_rhs:
+        b = rhs_ref[e, pl.ds(j * bn, bn), pl.ds(t * bk, bk)]
+        return acc + _dot(a, b, 1, 1)
+      b = rhs_ref[e, pl.ds(t * bk, bk), pl.ds(j * bn, bn)]
+      return acc + _dot(a, b, 1, 0)
+
+    acc = lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.float32))
+    out_ref[...] = acc.astype(out_ref.dtype)
+
+  @pl.when(e >= num_experts)
+  def _():
+    out_ref[...] = jnp.zeros((bm, bn), out_ref.dtype)
+
+
+def gmm(lhs: jax.Array, rhs: jax.Array, block_expert: jax.Array, *, block_rows: int, transpose_rhs: bool = False,
+        interpret: bool | None = None) -> jax.Array:
+  """lhs [M, K] (M = blocks * block_rows), rhs [E, K, N] (or [E, N, K] with transpose_rhs), block_expert int32
+  [blocks] -> [M, N]: each row block times the weight of its expert (zeros for blocks of expert id E)."""
+  m, k = lhs.shape
+  num_experts = rhs.shape[0]
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  nb = m // block_rows
+  assert nb * block_rows == m and block_expert.shape == (nb,), (lhs.shape, block_rows, block_expert.shape)
+  bk, bn = _tile(k), _tile(n)
+  interpret = _interpret(interpret)
+  kernel = functools.partial(_gmm_kernel, num_experts=num_experts, bk=bk, nk=k // bk, transpose_rhs=transpose_rhs)
+  return pl.pallas_call(
+      kernel,
+      grid=(nb, n // bn),
+      in_specs=[pl.BlockSpec((nb,), lambda i, j: (0,)),
+                pl.BlockSpec((block_rows, k), lambda i, j: (i, 0)),
+                pl.BlockSpec(rhs.shape, lambda i, j: (0, 0, 0))],
+      out_specs=pl.BlockSpec((block_rows, bn), lambda i, j: (i, j)),
+      out_shape=jax.ShapeDtypeStruct((m, n), lhs.dtype),
+      interpret=interpret,
+      compiler_params=_compiler_params(interpret),
+      name="moe_gmm",
+  )(block_expert, lhs, rhs)
+
+
+def _tgmm_kernel(off_ref, lhs_ref, dout_ref, out_ref, *, bm: int):
+  """One (expert, K tile, N tile) of dW: the sum over the expert's row blocks of lhs^T @ dout."""
+  e, kk, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  bk, bn = out_ref.shape
+
+  def body(b, acc):
+    a = lhs_ref[pl.ds(b * bm, bm), pl.ds(kk * bk, bk)]
+    g = dout_ref[pl.ds(b * bm, bm), pl.ds(j * bn, bn)]
+    return acc + _dot(a, g, 0, 0)
+
+  acc = lax.fori_loop(off_ref[e], off_ref[e + 1], body, jnp.zeros((bk, bn), jnp.float32))
+  out_ref[...] = acc.astype(out_ref.dtype)
+
+
+def tgmm(lhs: jax.Array, dout: jax.Array, block_offsets: jax.Array, num_experts: int, *, block_rows: int,
+         interpret: bool | None = None) -> jax.Array:
+  """lhs [M, K], dout [M, N], block_offsets int32 [E + 1] -> [E, K, N]: per expert, lhs^T @ dout over the
+  expert's row blocks (zeros for an expert without blocks)."""
+  m, k = lhs.shape
+  n = dout.shape[1]
+  bk, bn = _tile(k), _tile(n)
+  interpret = _interpret(interpret)
+  return pl.pallas_call(
+      functools.partial(_tgmm_kernel, bm=block_rows),
+      grid=(num_experts, k // bk, n // bn),
+      in_specs=[pl.BlockSpec((num_experts + 1,), lambda e, kk, j: (0,)),
+                pl.BlockSpec((m, k), lambda e, kk, j: (0, 0)),
+                pl.BlockSpec((m, n), lambda e, kk, j: (0, 0))],
+      out_specs=pl.BlockSpec((pl.squeezed, bk, bn), lambda e, kk, j: (e, kk, j)),
+      out_shape=jax.ShapeDtypeStruct((num_experts, k, n), lhs.dtype),
+      interpret=interpret,
+      compiler_params=_compiler_params(interpret),
+      name="moe_tgmm",
+  )(block_offsets, lhs, dout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, block_expert: jax.Array, block_offsets: jax.Array,
+                   block_rows: int, interpret: bool | None = None) -> jax.Array:
+  """`gmm` with gradients: d lhs = gmm(dout, rhs^T), d rhs = tgmm(lhs, dout). Both tables must describe the
+  same layout (block_expert[b] = e for block_offsets[e] <= b < block_offsets[e + 1], else E)."""
+  return gmm(lhs, rhs, block_expert, block_rows=block_rows, interpret=interpret)
+
+
+def _grouped_matmul_fwd(lhs, rhs, block_expert, block_offsets, block_rows, interpret):
+  out = gmm(lhs, rhs, block_expert, block_rows=block_rows, interpret=interpret)
+  return out, (lhs, rhs, block_expert, block_offsets)
+
+
+def _grouped_matmul_bwd(block_rows, interpret, res, dout):
+  lhs, rhs, block_expert, block_offsets = res
+  dlhs = gmm(dout, rhs, block_expert, block_rows=block_rows, transpose_rhs=True, interpret=interpret)
+  drhs = tgmm(lhs, dout, block_offsets, rhs.shape[0], block_rows=block_rows, interpret=interpret)
+  return dlhs, drhs.astype(rhs.dtype), None, None
+
+
+grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)

@@ -1,0 +1,85 @@
+"""Expert parallelism in the model: a DeepSeek-style and a Mixtral model on 8 fake CPU devices (experts sharded
+over the `expert` axis, with data, FSDP and tensor axes) give the single-device loss and gradients."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from conftest import REPO
+
+SCRIPT = textwrap.dedent("""
+    import functools, jax, numpy as np
+    from jpllm_jax import models
+    from jpllm_jax.parallel import DEFAULT_RULES, axis_rules, make_mesh
+    from jpllm_jax.train.optimizer import make_optimizer
+    from jpllm_jax.train.step import (StepConfig, batch_sharding, init_state, loss_and_grads, make_train_step,
+                                      state_shardings)
+
+    assert jax.device_count() == 8
+    rng = np.random.default_rng(0)
+    B, T = 8, 16
+    tiny = dict(vocab_size=128, d_model=32, n_heads=4, d_ff=48, max_seq_len=64, init_std=0.3)
+    cfgs = {
+        "deepseek": models.preset("deepseek-v3", **tiny, n_layers=3, q_lora_rank=16, kv_lora_rank=16,
+                                  qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, moe_d_ff=8, first_k_dense=1,
+                                  n_experts=16, n_group=4, topk_group=2, n_experts_per_tok=4, mtp_depth=1,
+                                  rope_type="default", rope_scaling=(), moe_aux_loss_coef=1e-2),
+        "mixtral": models.preset("mixtral-8x7b", **tiny, n_layers=2, n_kv_heads=2, router_z_loss_coef=1e-3),
+    }
+    seg = np.ones((B, T), np.int32); seg[:, T // 2:] = 2; seg[0, -3:] = 0
+    w = (seg > 0).astype(np.float32); w[:, T // 2 - 1] = 0
+    pos = np.concatenate([np.arange(T // 2)] * 2)[None].repeat(B, 0).astype(np.int32)
+    tx, schedule = make_optimizer(1e-3, 1, 10)
+
+    def rel(a, b):
+      a, b = jax.tree.leaves(a), jax.tree.leaves(b)
+      num = sum(float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2)) for x, y in zip(a, b))
+      return (num / sum(float(np.sum(np.asarray(y, np.float64) ** 2)) for y in b)) ** 0.5
+
+    layouts = {"deepseek": [{"expert": 8}, {"data": 2, "expert": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}],
+               "mixtral": [{"fsdp": 2, "expert": 4}]}
+    for name, cfg in cfgs.items():
+      batch = dict(inputs=rng.integers(0, 128, (B, T)).astype(np.int32),
+                   targets=rng.integers(0, 128, (B, T)).astype(np.int32), segment_ids=seg, positions=pos, weights=w)
+      ref = None
+      for sizes in [{"data": 1}] + layouts[name]:
+        devices = jax.devices()[:1] if sizes == {"data": 1} else jax.devices()
+        mesh = make_mesh(sizes, devices)
+        shard = state_shardings(cfg, tx, mesh)
+        state = jax.jit(functools.partial(init_state, cfg, tx), out_shardings=shard)(jax.random.key(0))
+        fn = jax.jit(lambda p, b: loss_and_grads(cfg, p, b, z_loss=1e-4, micro_batches=1, mtp_loss_coef=0.3),
+                     in_shardings=(shard["params"], batch_sharding(mesh)), out_shardings=(None, shard["params"]))
+        with axis_rules(mesh, DEFAULT_RULES):
+          m, g = fn(state["params"], batch)
+        got = ({k: np.asarray(m[k]) for k in ("loss", "moe_loss", "expert_load")}, jax.tree.map(np.asarray, g))
+        if ref is None:
+          ref = got
+          step = make_train_step(cfg, tx, schedule, StepConfig(), mesh)
+          ref_state, _ = step(state, batch)
+          ref_state, ref_metrics = step(ref_state, batch)  # the first step has learning rate 0
+          continue
+        dl = max(abs(float(got[0][k]) - float(ref[0][k])) / abs(float(ref[0][k])) for k in ("loss", "moe_loss"))
+        dload = float(np.abs(got[0]["expert_load"] - ref[0]["expert_load"]).max())
+        dg = rel(got[1], ref[1])
+        print(name, sizes, "loss rel diff %.1e" % dl, "load diff %.1e" % dload, "grad rel diff %.1e" % dg)
+        assert dl < 1e-5 and dload < 1e-6 and dg < 1e-5, (name, sizes, dl, dload, dg)
+      # Two full train steps with expert parallelism (optimizer, bias rule) equal the single-device steps.
+      step = make_train_step(cfg, tx, schedule, StepConfig(), mesh)
+      new_state, _ = step(state, batch)
+      new_state, metrics = step(new_state, batch)
+      dp = rel(jax.tree.map(np.asarray, new_state["params"]), jax.tree.map(np.asarray, ref_state["params"]))
+      print(name, sizes, "train step params rel diff %.1e" % dp)
+      assert dp < 1e-5 and abs(float(metrics["loss"]) - float(ref_metrics["loss"])) < 1e-5 * float(ref_metrics["loss"])
+    print("OK")
+""")
+
+
+def test_expert_parallel_model_equals_single_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(REPO))
+  proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+  print(proc.stdout)
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-5000:]
+  assert "OK" in proc.stdout
