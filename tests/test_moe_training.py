@@ -150,3 +150,30 @@ def test_small_deepseek_style_model_trains_on_cpu(tmp_path):
   from jpllm_jax import checkpoint
   cfg, params = checkpoint.load_params(tmp_path / "checkpoints")
   assert cfg.family == "deepseek_v3" and "layers_moe" in params and "mtp" in params
+
+
+def test_mesh_checks_name_the_expert_dimensions():
+  from types import SimpleNamespace
+
+  from jpllm_jax.parallel import check_model_fits_mesh
+  shape = dict(data=1, stage=1, fsdp=1, expert=1, tensor=1)
+  check_model_fits_mesh(TINY, SimpleNamespace(shape={**shape, "expert": 8, "tensor": 4}))
+  with pytest.raises(ValueError, match="expert=16 is not divisible by mesh axes"):
+    check_model_fits_mesh(TINY, SimpleNamespace(shape={**shape, "expert": 3}))
+  with pytest.raises(ValueError, match="mlp=6 is not divisible"):  # moe_d_ff 6 over tensor 4
+    check_model_fits_mesh(TINY.replace(moe_d_ff=6), SimpleNamespace(shape={**shape, "tensor": 4}))
+
+
+def test_capacity_factor_drops_and_counts_assignments():
+  cfg = TINY.replace(mtp_depth=0)
+  params = jax.jit(models.init, static_argnums=0)(cfg, jax.random.key(2))
+  batch = _batch(cfg)
+  fwd = jax.jit(lambda c, p, b: models.forward(c, p, b["inputs"], positions=b["positions"],
+                                              segment_ids=b["segment_ids"], return_aux=True), static_argnums=0)
+  full, aux = fwd(cfg, params, batch)
+  capped, aux_c = fwd(cfg.replace(capacity_factor=0.5), params, batch)
+  assert int(aux["moe_dropped"]) == 0
+  # 64 tokens x 4 slots over 16 experts at capacity ceil(0.5 x 256 / 16) = 8: at least half the slots are dropped.
+  assert int(aux_c["moe_dropped"]) >= 128
+  assert not np.allclose(np.asarray(full), np.asarray(capped))
+  np.testing.assert_array_equal(np.asarray(aux["expert_load"]), np.asarray(aux_c["expert_load"]))  # before dropping
