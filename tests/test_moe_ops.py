@@ -72,17 +72,17 @@ def test_padded_layouts(routing):
 
 
 def test_padded_layout_menu():
-  """The benchmark's shape: C = 1.125 and 1.25 x the mean group of 512, then the block layout; a padded last
-  layout where that holds every routing for little more than the block layout."""
+  """The benchmark's shape: C = 1.1, 1.125 and 1.25 x the mean group of 512 (rows in multiples of 8), then the
+  block layout; a padded last layout where that holds every routing for little more than the block layout."""
   layouts, limits = ops._padded_layouts(4096 * 8, 64, None, 4096 * 8, 64)  # pylint: disable=protected-access
-  assert limits == (576, 640)
-  assert layouts == (("padded", 576), ("padded", 640), ("blocked", 64))
+  assert limits == (568, 576, 640)
+  assert layouts == (("padded", 568), ("padded", 576), ("padded", 640), ("blocked", 64))
   layouts, limits = ops._padded_layouts(64, 2, None, 64, 8)  # pylint: disable=protected-access
-  assert layouts == (("padded", 48), ("blocked", 8)) and limits == (48,)
+  assert layouts == (("padded", 40), ("blocked", 8)) and limits == (40,)
   layouts, limits = ops._padded_layouts(64, 1, None, 64, 8)  # pylint: disable=protected-access
   assert layouts == (("padded", 64),) and limits == ()
   layouts, limits = ops._padded_layouts(48, 8, 7, 48, 8)  # pylint: disable=protected-access
-  assert layouts == (("padded", 16),) and limits == ()
+  assert layouts == (("padded", 8),) and limits == ()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
