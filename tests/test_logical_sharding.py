@@ -1,12 +1,9 @@
 """Logical axis names shard the models on a mesh without touching model code (8 fake CPU devices)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
-from conftest import REPO
+from fake_devices import run_on_fake_devices
 
 SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
@@ -46,8 +43,4 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_forward_sharded_by_logical_rules_equals_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(REPO))
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert "OK" in proc.stdout
+  run_on_fake_devices(SCRIPT, timeout=600)

@@ -1,14 +1,12 @@
 """Expert-parallel MoE (8 fake CPU devices): outputs, stats and gradients equal the single-device reference."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
-from conftest import REPO
+from fake_devices import run_on_fake_devices
 
 SCRIPT = textwrap.dedent("""
+    from fake_devices import rel_diff
     import math, jax, jax.numpy as jnp, numpy as np
     from jpllm_jax.moe import moe_ffn_reference
     from jpllm_jax.parallel.expert import moe_ffn_expert_parallel
@@ -37,9 +35,6 @@ SCRIPT = textwrap.dedent("""
           seen[ids.flat[i]] += 1
       return keep.reshape(ids.shape)
 
-    def rel(a, b):
-      a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-      return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
     def check(sizes, e, k, skew=False, c=None, impl="auto"):
       devices = jax.devices()[:math.prod(sizes.values())]
@@ -64,8 +59,8 @@ SCRIPT = textwrap.dedent("""
       (loss, (y, stats)), grads = jax.jit(jax.value_and_grad(loss_ep, argnums, has_aux=True))(x, gates, *w)
       (loss_r, y_r), grads_r = jax.jit(jax.value_and_grad(loss_ref, argnums, has_aux=True))(x, gates, *w)
       # The loss is a sum of terms of both signs: its error is relative to the scale of the terms.
-      errs = [abs(float(loss) - float(loss_r)) / float(np.linalg.norm(y_r) * np.linalg.norm(ct)), rel(y, y_r)]
-      errs += [rel(g, g_r) for g, g_r in zip(grads, grads_r)]
+      errs = [abs(float(loss) - float(loss_r)) / float(np.linalg.norm(y_r) * np.linalg.norm(ct)), rel_diff(y, y_r)]
+      errs += [rel_diff(g, g_r) for g, g_r in zip(grads, grads_r)]
       print(sizes, f"E={e} k={k} skew={skew} c={c} impl={impl} dropped={int(stats['dropped'])}",
             "loss, y, dx, dgates, dw_gate, dw_up, dw_down rel err", " ".join(f"{v:.1e}" for v in errs))
       assert max(errs) < 1e-5, (sizes, errs)
@@ -99,9 +94,4 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_expert_parallel_equals_reference():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(REPO))
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-  print(proc.stdout)
-  assert proc.returncode == 0, proc.stdout + proc.stderr[-5000:]
-  assert "OK" in proc.stdout
+  run_on_fake_devices(SCRIPT, timeout=600)

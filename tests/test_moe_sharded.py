@@ -2,14 +2,12 @@
 over the `expert` axis, with data, FSDP and tensor axes) give the single-device loss and gradients."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
-from conftest import REPO
+from fake_devices import run_on_fake_devices
 
 SCRIPT = textwrap.dedent("""
+    from fake_devices import rel_diff
     import functools, jax, numpy as np
     from jpllm_jax import models
     from jpllm_jax.parallel import DEFAULT_RULES, axis_rules, make_mesh
@@ -33,10 +31,6 @@ SCRIPT = textwrap.dedent("""
     pos = np.concatenate([np.arange(T // 2)] * 2)[None].repeat(B, 0).astype(np.int32)
     tx, schedule = make_optimizer(1e-3, 1, 10)
 
-    def rel(a, b):
-      a, b = jax.tree.leaves(a), jax.tree.leaves(b)
-      num = sum(float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2)) for x, y in zip(a, b))
-      return (num / sum(float(np.sum(np.asarray(y, np.float64) ** 2)) for y in b)) ** 0.5
 
     layouts = {"deepseek": [{"expert": 8}, {"data": 2, "expert": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}],
                "mixtral": [{"fsdp": 2, "expert": 4}]}
@@ -62,14 +56,14 @@ SCRIPT = textwrap.dedent("""
           continue
         dl = max(abs(float(got[0][k]) - float(ref[0][k])) / abs(float(ref[0][k])) for k in ("loss", "moe_loss"))
         dload = float(np.abs(got[0]["expert_load"] - ref[0]["expert_load"]).max())
-        dg = rel(got[1], ref[1])
+        dg = rel_diff(got[1], ref[1])
         print(name, sizes, "loss rel diff %.1e" % dl, "load diff %.1e" % dload, "grad rel diff %.1e" % dg)
         assert dl < 1e-5 and dload < 1e-6 and dg < 1e-5, (name, sizes, dl, dload, dg)
       # Two full train steps with expert parallelism (optimizer, bias rule) equal the single-device steps.
       step = make_train_step(cfg, tx, schedule, StepConfig(), mesh)
       new_state, _ = step(state, batch)
       new_state, metrics = step(new_state, batch)
-      dp = rel(jax.tree.map(np.asarray, new_state["params"]), jax.tree.map(np.asarray, ref_state["params"]))
+      dp = rel_diff(jax.tree.map(np.asarray, new_state["params"]), jax.tree.map(np.asarray, ref_state["params"]))
       print(name, sizes, "train step params rel diff %.1e" % dp)
       assert dp < 1e-5 and abs(float(metrics["loss"]) - float(ref_metrics["loss"])) < 1e-5 * float(ref_metrics["loss"])
     print("OK")
@@ -77,9 +71,4 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_expert_parallel_model_equals_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(REPO))
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
-  print(proc.stdout)
-  assert proc.returncode == 0, proc.stdout + proc.stderr[-5000:]
-  assert "OK" in proc.stdout
+  run_on_fake_devices(SCRIPT, timeout=900)

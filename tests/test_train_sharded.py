@@ -1,14 +1,12 @@
 """Sharded training (8 fake CPU devices: dp, fsdp, tp and combinations) equals the single-device step."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
-from conftest import REPO
+from fake_devices import run_on_fake_devices
 
 SCRIPT = textwrap.dedent("""
+    from fake_devices import rel_diff
     import functools, jax, jax.numpy as jnp, numpy as np
     from jpllm_jax.models import llama, gpt
     from jpllm_jax.parallel import DEFAULT_RULES, axis_rules, make_mesh
@@ -34,11 +32,6 @@ SCRIPT = textwrap.dedent("""
                {"fsdp": 4, "tensor": 2}]
     tx, schedule = make_optimizer(1e-3, 1, 10)
 
-    def rel(a, b):
-      a, b = jax.tree.leaves(a), jax.tree.leaves(b)
-      num = sum(float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2)) for x, y in zip(a, b))
-      den = sum(float(np.sum(np.asarray(y, np.float64) ** 2)) for y in b)
-      return (num / den) ** 0.5
 
     for name, cfg in models_.items():
       batch = batch_for(cfg.vocab_size)
@@ -61,7 +54,7 @@ SCRIPT = textwrap.dedent("""
         if ref is None:
           ref = got
         dl = max(abs(got[0] - ref[0]) / ref[0], abs(got[1] - ref[1]) / ref[1])
-        dg = rel(got[2], ref[2])
+        dg = rel_diff(got[2], ref[2])
         print(name, sizes, "micro", micro, "loss rel diff %.1e" % dl, "grad rel diff %.1e" % dg)
         assert dl < 1e-5 and dg < 1e-5, (name, sizes, micro, dl, dg)
     print("OK")
@@ -69,9 +62,4 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_train_steps_equal_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(REPO))
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
-  print(proc.stdout)
-  assert proc.returncode == 0, proc.stdout + proc.stderr[-5000:]
-  assert "OK" in proc.stdout
+  run_on_fake_devices(SCRIPT, timeout=900)

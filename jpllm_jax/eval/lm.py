@@ -163,14 +163,14 @@ def _choice_logprobs(cfg: ModelConfig, params, prefix_BP, prefix_seg_BP, cont_BK
   cache = init_cache(cfg, b, p + c)
   logits, cache = forward_cached(cfg, params, prefix_BP, cache, 0, positions=positions, segment_ids=prefix_seg_BP,
                                  last_only=True)
-  last = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)  # predicts each continuation's first token
+  last = logits[:, -1:].astype(jnp.float32)  # predicts each continuation's first token
   cont_positions = lengths[:, None] + jnp.arange(c, dtype=jnp.int32)[None]
 
   def one_choice(args):
     cont_BC, mask_BC = args
     out, _ = forward_cached(cfg, params, cont_BC, cache, p, positions=cont_positions,
                             segment_ids=jnp.ones_like(cont_BC))
-    logp = jax.nn.log_softmax(jnp.concatenate([last[:, None], out[:, :-1].astype(jnp.float32)], axis=1), axis=-1)
+    logp = jax.nn.log_softmax(jnp.concatenate([last, out[:, :-1].astype(jnp.float32)], axis=1), axis=-1)
     token_lp = jnp.take_along_axis(logp, cont_BC[..., None], axis=-1)[..., 0]
     greedy = jnp.argmax(logp, axis=-1) == cont_BC
     return (jnp.where(mask_BC, token_lp, 0.0).sum(axis=1), jnp.all(greedy | ~mask_BC, axis=1))

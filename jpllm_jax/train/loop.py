@@ -139,8 +139,10 @@ def make_task_eval(config, cfg: ModelConfig, sp):
   tasks = jeval.get_tasks(ec.tasks)
   scoring = [s.strip() for s in ec.scoring.split(",") if s.strip()]
 
+  lm = jeval.LanguageModel(cfg, None, sp, batch_size=ec.batch_size, max_len=ec.max_len or None)
+
   def run(params) -> dict[str, float]:
-    lm = jeval.LanguageModel(cfg, params, sp, batch_size=ec.batch_size, max_len=ec.max_len or None)
+    lm.params = params  # one model object: its stop table is built once and compilations are reused.
     results = jeval.evaluate(lm, tasks, data_dir=ec.data_dir, shots=ec.shots, limit=ec.limit or None,
                              scoring=scoring, loglik_norm=ec.loglik_norm, n_bootstrap=0, keep_predictions=False)
     out = {f"eval/{name}": row["score"] for name, row in results["scores"].items()}

@@ -76,9 +76,9 @@ def _mtp_targets(batch, k: int):
 
 def _loss_sums(cfg: ModelConfig, params, batch, z_loss: float, loss_chunk: int, mtp_loss_coef: float = 0.0):
   """Summed (not averaged) loss terms over a batch, so micro-batches add up exactly: (total, sums) with sums
-  {"ce", "z_loss", "tokens"} and, for MoE / MTP models, "moe_loss", "expert_load" [L_moe, E], "mtp_loss" (each
-  a per-token mean times the tokens) and "moe_dropped" (assignments dropped by the capacity). `loss_chunk` > 0: tokens per chunk of the fused head + loss
-  (`models.fused_cross_entropy`); 0: logits."""
+  {"loss" (= total), "ce", "z_loss", "tokens"} and, for MoE / MTP models, "moe_loss", "expert_load" [L_moe, E],
+  "mtp_loss" (each a per-token mean times the tokens) and "moe_dropped" (assignments dropped by the capacity).
+  `loss_chunk` > 0: tokens per chunk of the fused head + loss (`models.fused_cross_entropy`); 0: logits."""
   kwargs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
   with_aux = bool(cfg.n_experts or cfg.mtp_depth)
   mtp = None
@@ -108,7 +108,8 @@ def _loss_sums(cfg: ModelConfig, params, batch, z_loss: float, loss_chunk: int, 
     mtp_mean = jnp.mean(jnp.stack(mtp))
     sums["mtp_loss"] = mtp_mean * n
     total = total + mtp_loss_coef * mtp_mean
-  return total * n, sums
+  sums["loss"] = total * n
+  return sums["loss"], sums
 
 
 def loss_and_grads(cfg: ModelConfig, params, batch, *, z_loss: float, micro_batches: int,
@@ -131,9 +132,7 @@ def loss_and_grads(cfg: ModelConfig, params, batch, *, z_loss: float, micro_batc
   denom = jnp.maximum(sums["tokens"], 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   means = {k: v if k == "moe_dropped" else v / denom for k, v in sums.items() if k != "tokens"}
-  loss = (means["ce"] + z_loss * means["z_loss"] + means.get("moe_loss", 0.0)
-          + mtp_loss_coef * means.get("mtp_loss", 0.0))
-  return {"loss": loss, **means, "tokens": sums["tokens"]}, grads
+  return {**means, "tokens": sums["tokens"]}, grads
 
 
 def train_step(state: State, batch: dict[str, jax.Array], *, cfg: ModelConfig, tx: optax.GradientTransformation,
