@@ -280,17 +280,24 @@ def moe_ffn(x: jax.Array, expert_ids: jax.Array, gates: jax.Array, w_gate: jax.A
   max_kept = a if capacity is None else min(a, capacity * num_experts)
   e_A = expert_ids.reshape(-1).astype(jnp.int32)
   rank, keep, load, kept = route(e_A, num_experts, capacity)
-  bm = block_rows or default_block_rows(a, num_experts)
-  if impl == "padded":
-    layouts, limits = _padded_layouts(a, num_experts, capacity, max_kept, bm)
-  else:
-    layouts, limits = ((impl, bm, interpret) if impl == "pallas" else (impl,),), ()
-  cfg = _Config(k, activation, max_kept, layouts, limits)
+  cfg = experts_config(impl, k, activation, a, num_experts, capacity, max_kept, block_rows, interpret)
   out_A = expert_outputs(cfg, x, w_gate, w_up, w_down, e_A, rank, keep, kept)
   weights_NK = (gates * keep.reshape(n, k).astype(gates.dtype)).astype(out_A.dtype)
   # A weighted sum, not an einsum: XLA:CPU would make the latter N tiny batched matmuls.
   y = (out_A.reshape(n, k, -1) * weights_NK[:, :, None]).sum(1).astype(x.dtype)
   return y, {"load": load, "dropped": (a - kept.sum()).astype(jnp.int32)}
+
+
+def experts_config(impl: str, k: int, activation: str, assignments: int, num_experts: int, capacity: int | None,
+                   max_kept: int, block_rows: int | None = None, interpret: bool | None = None) -> _Config:
+  """The static settings of `expert_outputs` for a resolved `impl` (not "auto"): its layouts and when each is
+  used, for `assignments` rows expected over `num_experts` experts, at most `capacity` per expert."""
+  bm = block_rows or default_block_rows(assignments, num_experts)
+  if impl == "padded":
+    layouts, limits = _padded_layouts(assignments, num_experts, capacity, max_kept, bm)
+  else:
+    layouts, limits = ((impl, bm, interpret) if impl == "pallas" else (impl,),), ()
+  return _Config(k, activation, max_kept, layouts, limits)
 
 
 def _padded_layouts(a: int, num_experts: int, capacity: int | None, max_kept: int, block_rows: int):

@@ -138,16 +138,12 @@ def _local_experts(x_R, e_R, wg, wu, wd, *, mean_rows: int, group_cap: int | Non
     # The Pallas kernel's out_shape carries no manual_axis_type, which shard_map's type check rejects; until
     # kernels_pallas/moe_dispatch.py sets it, "auto" means XLA's grouped matmul here where moe_ffn picks Pallas.
     impl = "ragged" if ops.default_impl() == "pallas" else ops.default_impl()
-  bm = ops.default_block_rows(mean_rows, e_local)
+  cfg = ops.experts_config(impl, 1, activation, mean_rows, e_local, group_cap, rows)
   if impl == "padded":
-    layouts, limits = ops._padded_layouts(mean_rows, e_local, group_cap, rows, bm)  # pylint: disable=protected-access
     # ops.blocked_mm's lax.cond / scan build zeros that vary over no mesh axis, which shard_map's type check
     # rejects; until that is fixed there, fall back to the padded layout that holds every row in one expert.
     full = ("padded", -(-rows // ops.ROW_MULTIPLE) * ops.ROW_MULTIPLE)
-    layouts = tuple(full if spec[0] == "blocked" else spec for spec in layouts)
-  else:
-    layouts, limits = ((impl, bm, None) if impl == "pallas" else (impl,),), ()
-  cfg = ops._Config(1, activation, rows, layouts, limits)  # pylint: disable=protected-access
+    cfg = cfg._replace(layouts=tuple(full if spec[0] == "blocked" else spec for spec in cfg.layouts))
   # expert_outputs is a custom VJP: give every differentiable input the union of their varying mesh axes, so its
   # cotangents type-check; the transposes of these casts are the psums over the axes that replicate each input.
   x_R, wg, wu, wd = _vary_alike(x_R, wg, wu, wd)
