@@ -6,9 +6,14 @@ path ("auto": "padded" on CPU) and with impl="ragged" (`jax.lax.ragged_dot`), an
 the same active FLOPs (d_ff = 8 * 512 on the same tokens). XLA:CPU lowers ragged_dot to a masked product over
 all experts (E times the FLOPs and memory: ~39 GB at 4096 tokens), so that path runs on the first
 --ragged-tokens tokens; every path is reported in FLOP/s of its routed (active) FLOPs. Each is compiled and
-run once, then timed over --repeats runs (median; the paths take turns, so that load from other processes
-slows them alike). It prints one JSON line per path and a final JSON line with the FLOP/s and the ratios
-ours/ragged and ours/dense.
+run once, then timed over --repeats runs (median). The paths take turns, so that load from other processes
+slows them alike, and each timed run follows an untimed run of the same step, as a training loop's steps
+follow each other: a step's temporaries are reused from its previous run's instead of faulted in afresh.
+Timing single runs in turn measured the allocator instead (2-core CPU, glibc huge pages): our step took 2.1 s
+after itself but 2.8-3.2 s after the dense step, with 1.2-1.3 s of system time for page faults (getrusage),
+while the dense step took 1.65 s either way; the ratio then swung between 0.52 and 0.70 from run to run.
+It prints one JSON line per path and a final JSON line with the FLOP/s and the ratios ours/ragged and
+ours/dense.
 
   python benchmarks/moe_throughput.py [--tokens 4096] [--repeats 3]
 
@@ -87,6 +92,7 @@ def main():
   times = {name: [] for name in names}
   for _ in range(args.repeats):  # interleaved, so that load from other processes hits every path alike
     for name in names:
+      steps[name]()  # untimed: the timed run follows a run of the same step, as in a training loop
       t0 = time.perf_counter()
       steps[name]()
       times[name].append(time.perf_counter() - t0)

@@ -5,7 +5,7 @@ combine the outputs weighted by the router's gates.
 
 The N*k (token, slot) assignments are ranked within their expert (first come in token order) and placed in a
 row layout where each expert's assignments are contiguous, the expert FFNs run as grouped matmuls over that
-layout, and the outputs are gathered back per assignment and summed with the gates. The implementations
+layout, and each token gathers its assignments' output rows and sums them weighted by its gates. The implementations
 differ in the layout and its grouped matmul:
 
   "ragged"  rows packed back to back; `jax.lax.ragged_dot`. The reference path, and XLA's own grouped matmul
@@ -19,9 +19,11 @@ differ in the layout and its grouped matmul:
             the interpreter elsewhere (tests).
   "auto"    "padded" on CPU, "pallas" on GPU, "ragged" on TPU (our kernel has no Mosaic TPU lowering).
 
-`expert_outputs` has one custom VJP for all layouts. It keeps its residuals (the gate and up projections) in
-assignment order, so the switch's branches share them without padding them to a common shape, and its
-gathers between tokens and rows transpose to gathers (each kept assignment owns one row), not scatters.
+`expert_mixture` (dispatch, experts and the gate-weighted combine) has one custom VJP for all layouts. It keeps
+its residuals (the gate and up projections) in assignment order, so the switch's branches share them without
+padding them to a common shape; its gathers between tokens and rows transpose to gathers (each kept assignment
+owns one row), not scatters; and the gates' cotangent comes from the down projection's backward product
+(<h, dy_row @ w_down^T>), so neither the outputs nor dy spread over the k assignments are kept.
 """
 from __future__ import annotations
 
@@ -173,7 +175,7 @@ def _layout(spec: tuple, e_A, rank, keep, kept, max_kept: int):
 
 
 class _Config(NamedTuple):
-  """Static settings of `expert_outputs`: slots per token, activation, layouts and when each is used."""
+  """Static settings of `expert_mixture`: slots per token, activation, layouts and when each is used."""
   k: int
   activation: str
   max_kept: int  # static bound on the kept assignments
@@ -193,60 +195,73 @@ def _after(x, *done):
   return jax.lax.optimization_barrier((x, *done))[0]
 
 
-def _forward(cfg: _Config, spec, x, w_gate, w_up, w_down, e_A, rank, keep, kept):
-  """Per-assignment expert outputs [A, D], and the gate and up projections [A, F] (residuals)."""
+def _combine(rows, row_of, weights_A, n: int):
+  """y [n, D]: each token's assignments' rows (zeros where row_of is past the rows), weighted and summed."""
+  picked = jnp.take(rows, row_of, axis=0, mode="fill", fill_value=0)
+  return (picked.reshape(n, -1, rows.shape[-1]) * weights_A.reshape(n, -1, 1).astype(rows.dtype)).sum(1)
+
+
+def _forward(cfg: _Config, spec, x, weights_A, w_gate, w_up, w_down, e_A, rank, keep, kept):
+  """The gate-weighted expert outputs y [N, D], and the gate and up projections [A, F] (residuals)."""
   row_src, row_of, mm = _layout(spec, e_A, rank, keep, kept, cfg.max_kept)
   x_rows = jnp.take(x, row_src // cfg.k, axis=0, mode="fill", fill_value=0)
   g = mm(x_rows, w_gate)
   u = mm(_after(x_rows, g), w_up)
   out = mm(_layers().activation(cfg.activation, g) * u, w_down)
   take = lambda rows: jnp.take(rows, row_of, axis=0, mode="fill", fill_value=0)
-  return take(out), take(g), take(u)
+  return _combine(out, row_of, weights_A, x.shape[0]).astype(x.dtype), take(g), take(u)
 
 
-def _backward(cfg: _Config, spec, x, w_gate, w_up, w_down, e_A, rank, keep, kept, g_A, u_A, dout_A):
+def _backward(cfg: _Config, spec, x, weights_A, w_gate, w_up, w_down, e_A, rank, keep, kept, g_A, u_A, dy):
+  """Cotangents of (x, weights_A, w_gate, w_up, w_down). With q = dy_row @ w_down^T per row, the down
+  projection's input gets weight * q and the row's gate weight gets <h, q> (= <out, dy_row>), so the combine
+  needs neither the outputs as residuals nor dy spread over the k assignments."""
   row_src, row_of, mm = _layout(spec, e_A, rank, keep, kept, cfg.max_kept)
   to_rows = lambda v: jnp.take(v, row_src, axis=0, mode="fill", fill_value=0)
   x_rows = jnp.take(x, row_src // cfg.k, axis=0, mode="fill", fill_value=0)
+  dy_rows = jnp.take(dy, row_src // cfg.k, axis=0, mode="fill", fill_value=0)
+  w_rows = to_rows(weights_A).astype(dy.dtype)[:, None]
   h, act_vjp = jax.vjp(lambda g, u: _layers().activation(cfg.activation, g) * u, to_rows(g_A), to_rows(u_A))
-  dh, dw_down = jax.vjp(mm, h, w_down)[1](to_rows(dout_A))  # (the unused forward products are dead code)
-  dg, du = act_vjp(dh)
+  q = jax.vjp(mm, h, w_down)[1](dy_rows)[0]  # (the unused forward and weight products are dead code)
+  dw_down = jax.vjp(mm, w_rows.astype(h.dtype) * h, w_down)[1](dy_rows)[1]
+  dweights_rows = (h.astype(jnp.float32) * q.astype(jnp.float32)).sum(-1)
+  dweights_A = jnp.take(dweights_rows, row_of, mode="fill", fill_value=0).astype(weights_A.dtype)
+  dg, du = act_vjp(w_rows.astype(q.dtype) * q)
   # Left concurrent: putting these in sequence like the forward's measured no faster.
   dx_g, dw_gate = jax.vjp(mm, x_rows, w_gate)[1](dg)
   dx_u, dw_up = jax.vjp(mm, x_rows, w_up)[1](du)
-  dx_A = jnp.take(dx_g + dx_u, row_of, axis=0, mode="fill", fill_value=0)
-  return dx_A.reshape(x.shape[0], cfg.k, -1).sum(1), dw_gate, dw_up, dw_down
+  dx = _combine(dx_g + dx_u, row_of, jnp.ones_like(weights_A), x.shape[0]).astype(x.dtype)
+  return dx, dweights_A, dw_gate, dw_up, dw_down
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def expert_outputs(cfg: _Config, x, w_gate, w_up, w_down, e_A, rank, keep, kept):
-  """FFN_{e_A[a]}(x[a // k]) for every assignment a (zeros where dropped), in the first layout of cfg whose
-  limit holds the largest kept group. Its VJP keeps the residuals in assignment order, so the layouts (chosen
-  with `lax.switch`) need no common residual shapes."""
-  return _expert_outputs_fwd(cfg, x, w_gate, w_up, w_down, e_A, rank, keep, kept)[0]
+def expert_mixture(cfg: _Config, x, weights_A, w_gate, w_up, w_down, e_A, rank, keep, kept):
+  """y[n] = sum_j weights_A[n * k + j] * FFN_{e_A[n * k + j]}(x[n]) over the token's kept assignments, in the
+  first layout of cfg whose limit holds the largest kept group. Its VJP keeps the residuals in assignment
+  order, so the layouts (chosen with `lax.switch`) need no common residual shapes."""
+  return _expert_mixture_fwd(cfg, x, weights_A, w_gate, w_up, w_down, e_A, rank, keep, kept)[0]
 
 
-def _expert_outputs_fwd(cfg, x, w_gate, w_up, w_down, e_A, rank, keep, kept):
-  args = (x, w_gate, w_up, w_down, e_A, rank, keep, kept)
+def _expert_mixture_fwd(cfg, x, weights_A, w_gate, w_up, w_down, e_A, rank, keep, kept):
+  args = (x, weights_A, w_gate, w_up, w_down, e_A, rank, keep, kept)
   idx = _branch_index(cfg, kept)
   if idx is None:
-    out, g_A, u_A = _forward(cfg, cfg.layouts[0], *args)
+    y, g_A, u_A = _forward(cfg, cfg.layouts[0], *args)
   else:
-    out, g_A, u_A = jax.lax.switch(idx, [functools.partial(_forward, cfg, s) for s in cfg.layouts], *args)
-  return out, (args, g_A, u_A, idx)
+    y, g_A, u_A = jax.lax.switch(idx, [functools.partial(_forward, cfg, s) for s in cfg.layouts], *args)
+  return y, (args, g_A, u_A, idx)
 
 
-def _expert_outputs_bwd(cfg, res, dout_A):
+def _expert_mixture_bwd(cfg, res, dy):
   args, g_A, u_A, idx = res
   if idx is None:
-    grads = _backward(cfg, cfg.layouts[0], *args, g_A, u_A, dout_A)
+    grads = _backward(cfg, cfg.layouts[0], *args, g_A, u_A, dy)
   else:
-    grads = jax.lax.switch(idx, [functools.partial(_backward, cfg, s) for s in cfg.layouts], *args, g_A, u_A,
-                           dout_A)
+    grads = jax.lax.switch(idx, [functools.partial(_backward, cfg, s) for s in cfg.layouts], *args, g_A, u_A, dy)
   return (*grads, None, None, None, None)
 
 
-expert_outputs.defvjp(_expert_outputs_fwd, _expert_outputs_bwd)
+expert_mixture.defvjp(_expert_mixture_fwd, _expert_mixture_bwd)
 
 
 # ------------------------------------------------------------------------------------ the op
@@ -281,16 +296,13 @@ def moe_ffn(x: jax.Array, expert_ids: jax.Array, gates: jax.Array, w_gate: jax.A
   e_A = expert_ids.reshape(-1).astype(jnp.int32)
   rank, keep, load, kept = route(e_A, num_experts, capacity)
   cfg = experts_config(impl, k, activation, a, num_experts, capacity, max_kept, block_rows, interpret)
-  out_A = expert_outputs(cfg, x, w_gate, w_up, w_down, e_A, rank, keep, kept)
-  weights_NK = (gates * keep.reshape(n, k).astype(gates.dtype)).astype(out_A.dtype)
-  # A weighted sum, not an einsum: XLA:CPU would make the latter N tiny batched matmuls.
-  y = (out_A.reshape(n, k, -1) * weights_NK[:, :, None]).sum(1).astype(x.dtype)
+  y = expert_mixture(cfg, x, gates.reshape(-1), w_gate, w_up, w_down, e_A, rank, keep, kept)
   return y, {"load": load, "dropped": (a - kept.sum()).astype(jnp.int32)}
 
 
 def experts_config(impl: str, k: int, activation: str, assignments: int, num_experts: int, capacity: int | None,
                    max_kept: int, block_rows: int | None = None, interpret: bool | None = None) -> _Config:
-  """The static settings of `expert_outputs` for a resolved `impl` (not "auto"): its layouts and when each is
+  """The static settings of `expert_mixture` for a resolved `impl` (not "auto"): its layouts and when each is
   used, for `assignments` rows expected over `num_experts` experts, at most `capacity` per expert."""
   bm = block_rows or default_block_rows(assignments, num_experts)
   if impl == "padded":

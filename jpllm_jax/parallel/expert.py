@@ -10,9 +10,10 @@ Layout (MaxText / DeepSeek style), in one `jax.shard_map`:
 
 Each device packs its N_local*k assignments into one send buffer of S rows per expert rank, exchanges the
 buffers with `jax.lax.all_to_all` over `expert_axis`, runs its E / n_ep local experts on the n_ep*S received rows
-with `moe_ffn`'s grouped machinery (ops.expert_outputs: same layouts, same custom VJP), sends the outputs back
-with a second all_to_all and combines them with the gates. The tensor ranks' partial down projections are
-summed with one psum over `tensor_axis` of y [N_local, D]. Gradients are JAX's own transposes: all_to_all
+with `moe_ffn`'s grouped machinery (ops.expert_mixture: same layouts, same custom VJP; each received row
+carries its gate, so the outputs come back weighted), sends them back with a second all_to_all and sums each
+token's rows. The tensor ranks' partial down projections are summed with one psum over `tensor_axis` of
+y [N_local, D]. Gradients are JAX's own transposes: all_to_all
 transposes to all_to_all, and shard_map's varying-axis types add the psums over the replicated axes.
 
 Dropless (capacity_factor None), S = N_local*k, the worst case of all assignments going to one rank: the send
@@ -117,19 +118,22 @@ def _dispatch_compute_combine(x, ids, gates, wg, wu, wd, *, num_experts: int, ex
   flat = jnp.where(keep, dest * slots + slot, rows)  # the assignment's send row (rows: dropped)
   send_src = jnp.full((rows,), a, jnp.int32).at[flat].set(jnp.arange(a, dtype=jnp.int32), mode="drop")
   send_x = jnp.take(x, send_src // k, axis=0, mode="fill", fill_value=0)
+  send_g = jnp.take(gates.reshape(-1), send_src, mode="fill", fill_value=0)
   send_e = jnp.take(e_A % e_local, send_src, mode="fill", fill_value=e_local)  # e_local: empty row
   to_experts = lambda v: jax.lax.all_to_all(v, expert_axis, 0, 0, tiled=True)
-  out_R = _local_experts(to_experts(send_x), to_experts(send_e), wg, wu, wd, mean_rows=a,
+  out_R = _local_experts(to_experts(send_x), to_experts(send_g), to_experts(send_e), wg, wu, wd, mean_rows=a,
                          group_cap=None if cap is None else n_ep * cap, impl=impl, activation=activation)
+  # The rows come back already weighted by their gates: each token sums its k rows (zeros where dropped).
   out_A = jnp.take(to_experts(out_R), flat, axis=0, mode="fill", fill_value=0)
-  weights_NK = (gates * keep.reshape(n, k).astype(gates.dtype)).astype(out_A.dtype)
-  y = (out_A.reshape(n, k, -1) * weights_NK[:, :, None]).sum(1).astype(x.dtype)
+  y = out_A.reshape(n, k, -1).sum(1).astype(x.dtype)
   return y, (a - keep.sum()).astype(jnp.int32), load
 
 
-def _local_experts(x_R, e_R, wg, wu, wd, *, mean_rows: int, group_cap: int | None, impl: str, activation: str):
-  """FFN_{e_R[r]}(x_R[r]) for each received row (zeros where e_R[r] == E_local, an empty row), through moe_ffn's
-  expert_outputs with the layouts moe_ffn would pick: `mean_rows` rows expected, at most `group_cap` per expert."""
+def _local_experts(x_R, gate_R, e_R, wg, wu, wd, *, mean_rows: int, group_cap: int | None, impl: str,
+                   activation: str):
+  """gate_R[r] * FFN_{e_R[r]}(x_R[r]) for each received row (zeros where e_R[r] == E_local, an empty row),
+  through moe_ffn's expert_mixture (one assignment per row) with the layouts moe_ffn would pick: `mean_rows`
+  rows expected, at most `group_cap` per expert."""
   e_local, rows = wg.shape[0], x_R.shape[0]
   valid = e_R < e_local
   rank, _, load, _ = ops.route(e_R, e_local + 1, None)  # empty rows form group e_local, after the real ones
@@ -144,10 +148,10 @@ def _local_experts(x_R, e_R, wg, wu, wd, *, mean_rows: int, group_cap: int | Non
     # rejects; until that is fixed there, fall back to the padded layout that holds every row in one expert.
     full = ("padded", -(-rows // ops.ROW_MULTIPLE) * ops.ROW_MULTIPLE)
     cfg = cfg._replace(layouts=tuple(full if spec[0] == "blocked" else spec for spec in cfg.layouts))
-  # expert_outputs is a custom VJP: give every differentiable input the union of their varying mesh axes, so its
+  # expert_mixture is a custom VJP: give every differentiable input the union of their varying mesh axes, so its
   # cotangents type-check; the transposes of these casts are the psums over the axes that replicate each input.
-  x_R, wg, wu, wd = _vary_alike(x_R, wg, wu, wd)
-  return ops.expert_outputs(cfg, x_R, wg, wu, wd, jnp.where(valid, e_R, 0), rank, valid, kept)
+  x_R, gate_R, wg, wu, wd = _vary_alike(x_R, gate_R, wg, wu, wd)
+  return ops.expert_mixture(cfg, x_R, gate_R, wg, wu, wd, jnp.where(valid, e_R, 0), rank, valid, kept)
 
 
 def _vary_alike(*xs):
