@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels_pallas import vma
+
 
 def _tile(dim: int, cap: int = 64) -> int:
   """The largest power of two <= cap that divides dim (a Triton tile size)."""
@@ -85,6 +87,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, block_expert: jax.Array, *, block_rows: 
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   nb = m // block_rows
   assert nb * block_rows == m and block_expert.shape == (nb,), (lhs.shape, block_rows, block_expert.shape)
+  lhs, rhs, block_expert = vma.vary_alike(lhs, rhs, block_expert)  # (inside shard_map: one output type)
   bk, bn = _tile(k), _tile(n)
   interpret = _interpret(interpret)
   kernel = functools.partial(_gmm_kernel, num_experts=num_experts, bk=bk, nk=k // bk, transpose_rhs=transpose_rhs)
@@ -95,7 +98,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, block_expert: jax.Array, *, block_rows: 
                 pl.BlockSpec((block_rows, k), lambda i, j: (i, 0)),
                 pl.BlockSpec(rhs.shape, lambda i, j: (0, 0, 0))],
       out_specs=pl.BlockSpec((block_rows, bn), lambda i, j: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((m, n), lhs.dtype),
+      out_shape=vma.shape_dtype((m, n), lhs.dtype, lhs),
       interpret=interpret,
       compiler_params=_compiler_params(interpret),
       name="moe_gmm",
@@ -122,6 +125,7 @@ def tgmm(lhs: jax.Array, dout: jax.Array, block_offsets: jax.Array, num_experts:
   expert's row blocks (zeros for an expert without blocks)."""
   m, k = lhs.shape
   n = dout.shape[1]
+  lhs, dout, block_offsets = vma.vary_alike(lhs, dout, block_offsets)
   bk, bn = _tile(k), _tile(n)
   interpret = _interpret(interpret)
   return pl.pallas_call(
@@ -131,7 +135,7 @@ def tgmm(lhs: jax.Array, dout: jax.Array, block_offsets: jax.Array, num_experts:
                 pl.BlockSpec((m, k), lambda e, kk, j: (0, 0)),
                 pl.BlockSpec((m, n), lambda e, kk, j: (0, 0))],
       out_specs=pl.BlockSpec((pl.squeezed, bk, bn), lambda e, kk, j: (e, kk, j)),
-      out_shape=jax.ShapeDtypeStruct((num_experts, k, n), lhs.dtype),
+      out_shape=vma.shape_dtype((num_experts, k, n), lhs.dtype, lhs),
       interpret=interpret,
       compiler_params=_compiler_params(interpret),
       name="moe_tgmm",

@@ -17,7 +17,10 @@ SCRIPT = textwrap.dedent("""
     N, D, F = 64, 16, 32
 
     def routing(e, k, skew):
-      # k distinct experts per token; skewed: experts 0, 5, 9 (those < e) never chosen, expert 3 hot.
+      # k distinct experts per token; skewed: experts 0, 5, 9 (those < e) never chosen, expert 3 hot;
+      # "one": every token to experts 0..k-1 (one rank gets every row: the block layout's case).
+      if skew == "one":
+        return np.broadcast_to(np.arange(k, dtype=np.int32), (N, k)).copy()
       p = np.ones(e)
       if skew:
         p[[i for i in (0, 5, 9) if i < e]] = 0
@@ -76,10 +79,20 @@ SCRIPT = textwrap.dedent("""
     check({"expert": 4}, 16, 8, skew=True)
     check({"data": 4, "tensor": 2}, 8, 2)  # expert axis of size 1: local moe_ffn on each data shard.
     check({"data": 2, "expert": 4}, 16, 2, skew=True, impl="ragged")
+    check({"data": 2, "expert": 4}, 16, 2, skew="one")  # "padded" runs its last resort, the block layout
+    check({"fsdp": 2, "expert": 2, "tensor": 2}, 8, 2, skew="one")
     # Capacity: moe_ffn's rule on each device's tokens; the skew makes the hot expert overflow.
     assert check({"data": 2, "expert": 4}, 8, 2, skew=True, c=1.0) > 0
     assert check({"fsdp": 2, "expert": 2, "tensor": 2}, 16, 8, skew=True, c=1.25) > 0
     assert check({"data": 8}, 8, 2, skew=True, c=1.0) > 0
+
+    # The Pallas kernel under shard_map type-checks, gradients included (the interpreter cannot run it there).
+    mesh = make_mesh({"data": 2, "expert": 2, "tensor": 2})
+    w = [jnp.zeros((8, D, F)), jnp.zeros((8, D, F)), jnp.zeros((8, F, D))]
+    ids = jnp.asarray(routing(8, 2, False))
+    loss = lambda x, g, *w: jnp.sum(moe_ffn_expert_parallel(x, ids, g, *w, mesh=mesh, impl="pallas")[0])
+    shapes = jax.eval_shape(jax.value_and_grad(loss, (0, 1, 2, 3, 4)), jnp.zeros((N, D)), jnp.zeros((N, 2)), *w)
+    assert [s.shape for s in shapes[1]] == [(N, D), (N, 2), *[v.shape for v in w]], shapes
 
     mesh = make_mesh({"expert": 8})
     w = jnp.zeros((12, D, F))

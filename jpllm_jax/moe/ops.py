@@ -34,7 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas import moe_dispatch
+from kernels_pallas import moe_dispatch, vma
 
 IMPLS = ("auto", "ragged", "padded", "pallas")
 # "padded" dropless: per-expert rows C = N*k/E * slack, rounded up to ROW_MULTIPLE, for the first slack that fits;
@@ -122,7 +122,8 @@ def blocked_mm(rows, w_EKN, block_expert, block_rows: int):
 
   def body(_, blk):
     r, e = blk
-    return None, jax.lax.cond(e < num_experts, lambda: r @ w_EKN[e], lambda: jnp.zeros((block_rows, n), r.dtype))
+    zeros = lambda: vma.zeros((block_rows, n), r.dtype, r, w_EKN)  # (varying like the product, in shard_map)
+    return None, jax.lax.cond(e < num_experts, lambda: r @ w_EKN[e], zeros)
 
   _, out = jax.lax.scan(body, None, (rows.reshape(-1, block_rows, k), block_expert))
   return out.reshape(rows.shape[0], n)
@@ -140,12 +141,12 @@ def _blocked_mm_bwd(block_rows, res, dout):
     r, d, e = blk
     used = e < num_experts
     e = jnp.minimum(e, num_experts - 1)
-    dr = jax.lax.cond(used, lambda: d @ w_EKN[e].T, lambda: jnp.zeros((block_rows, k), d.dtype))
+    dr = jax.lax.cond(used, lambda: d @ w_EKN[e].T, lambda: vma.zeros((block_rows, k), d.dtype, d, w_EKN))
     dw = jax.lax.cond(used, lambda: dw.at[e].add(r.T @ d), lambda: dw)
     return dw, dr
 
   blocks = (rows.reshape(-1, block_rows, k), dout.reshape(-1, block_rows, n), block_expert)
-  dw, drows = jax.lax.scan(body, jnp.zeros(w_EKN.shape, jnp.float32), blocks)
+  dw, drows = jax.lax.scan(body, vma.zeros(w_EKN.shape, jnp.float32, rows, dout), blocks)
   return drows.reshape(rows.shape).astype(rows.dtype), dw.astype(w_EKN.dtype), None
 
 

@@ -19,8 +19,8 @@ transposes to all_to_all, and shard_map's varying-axis types add the psums over 
 Dropless (capacity_factor None), S = N_local*k, the worst case of all assignments going to one rank: the send
 and receive buffers then hold n_ep*N_local*k rows of D (n_ep times the routed activations; a dropless EP layer
 with static shapes must pay this or a ragged collective). The local compute is still sized by the rows that
-arrived (moe_ffn's dropless layouts pick by the largest group at run time), except its last resort, which for
-now pads every local expert to all n_ep*N_local*k rows (see `_local_experts`).
+arrived: moe_ffn's dropless layouts pick by the largest group at run time, and their last resort, the block
+layout, has blocks for all n_ep*N_local*k rows but skips those past the groups.
 
 With a capacity factor c, moe_ffn's rule applies to each device's tokens: expert e takes at most
 C = ceil(c * N_local * k / E) of the device's assignments, first come in token order, the rest are dropped and
@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jpllm_jax.moe import ops
+from kernels_pallas import vma
 
 
 def moe_ffn_expert_parallel(x: jax.Array, expert_ids: jax.Array, gates: jax.Array, w_gate: jax.Array,
@@ -55,8 +56,8 @@ def moe_ffn_expert_parallel(x: jax.Array, expert_ids: jax.Array, gates: jax.Arra
     token_axes: mesh axes that shard N (absent ones are skipped). tensor_axis: the mesh axis that shards F
       (None: no tensor parallelism).
     capacity_factor: None for dropless; else moe_ffn's capacity applied to each device's N_local tokens.
-    impl, activation: as in moe_ffn, for the local experts ("auto": "ragged" where moe_ffn picks "pallas",
-      whose kernel cannot yet run under shard_map).
+    impl, activation: as in moe_ffn, for the local experts ("auto": "ragged" where moe_ffn picks "pallas";
+      see `_local_experts`).
   Returns:
     y [N, D] sharded like x, and stats: "load" int32 [E] (all assignments, before dropping), "dropped" int32 []
     (summed over devices).
@@ -139,27 +140,12 @@ def _local_experts(x_R, gate_R, e_R, wg, wu, wd, *, mean_rows: int, group_cap: i
   rank, _, load, _ = ops.route(e_R, e_local + 1, None)  # empty rows form group e_local, after the real ones
   kept = load[:e_local]
   if impl == "auto":
-    # The Pallas kernel's out_shape carries no manual_axis_type, which shard_map's type check rejects; until
-    # kernels_pallas/moe_dispatch.py sets it, "auto" means XLA's grouped matmul here where moe_ffn picks Pallas.
+    # The Pallas kernel type-checks under shard_map (kernels_pallas/vma.py), but no run of it there has been
+    # checked on a GPU yet, and the interpreter cannot run it there (jax 0.10.2's HLO interpreter slices varying
+    # refs with invariant indices); so "auto" keeps XLA's grouped matmul where moe_ffn picks the kernel.
     impl = "ragged" if ops.default_impl() == "pallas" else ops.default_impl()
   cfg = ops.experts_config(impl, 1, activation, mean_rows, e_local, group_cap, rows)
-  if impl == "padded":
-    # ops.blocked_mm's lax.cond / scan build zeros that vary over no mesh axis, which shard_map's type check
-    # rejects; until that is fixed there, fall back to the padded layout that holds every row in one expert.
-    full = ("padded", -(-rows // ops.ROW_MULTIPLE) * ops.ROW_MULTIPLE)
-    cfg = cfg._replace(layouts=tuple(full if spec[0] == "blocked" else spec for spec in cfg.layouts))
   # expert_mixture is a custom VJP: give every differentiable input the union of their varying mesh axes, so its
   # cotangents type-check; the transposes of these casts are the psums over the axes that replicate each input.
-  x_R, gate_R, wg, wu, wd = _vary_alike(x_R, gate_R, wg, wu, wd)
+  x_R, gate_R, wg, wu, wd = vma.vary_alike(x_R, gate_R, wg, wu, wd)
   return ops.expert_mixture(cfg, x_R, gate_R, wg, wu, wd, jnp.where(valid, e_R, 0), rank, valid, kept)
-
-
-def _vary_alike(*xs):
-  """`xs`, each cast to vary over every mesh axis that any of them varies over."""
-  varying = lambda x: set(jax.typeof(x).manual_axis_type.varying)
-  axes = set().union(*map(varying, xs))
-  out = []
-  for x in xs:
-    missing = tuple(sorted(axes - varying(x)))
-    out.append(jax.lax.pcast(x, missing, to="varying") if missing else x)
-  return tuple(out)
