@@ -107,15 +107,57 @@ def test_our_init_matches_transformers(preset, tmp_path):
   assert hf.config_from_hf(hf.config_to_hf(cfg, "float32")) == cfg.replace(router_z_loss_coef=0.0)
 
 
-def test_mtp_layers_are_skipped_on_load(tmp_path):
-  """Published DeepSeek-V3 checkpoints carry the MTP module as layer `num_hidden_layers`; it is not converted."""
+def test_mtp_modules_load_only_where_stored(tmp_path):
+  """transformers' configs declare one MTP module (num_nextn_predict_layers) but save none: we load none. A
+  published checkpoint stores it as layer `num_hidden_layers`; a second module past the declared one is skipped."""
   model = make_hf_model("deepseek_v3")
+  assert model.config.num_nextn_predict_layers == 1
   model.save_pretrained(tmp_path)
+  cfg, params = hf.load_pretrained(tmp_path)
+  assert cfg.mtp_depth == 0 and cfg.n_layers == 3 and "mtp" not in params
   tensors = safetensors.numpy.load_file(tmp_path / "model.safetensors")
-  tensors["model.layers.3.eh_proj.weight"] = np.zeros((64, 128), np.float32)
+  tensors["model.layers.4.eh_proj.weight"] = np.zeros((64, 128), np.float32)  # module 2: not declared
   safetensors.numpy.save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-  cfg, _ = hf.load_pretrained(tmp_path)
-  assert cfg.mtp_depth == 0 and cfg.n_layers == 3
+  assert hf.load_pretrained(tmp_path)[0].mtp_depth == 0
+  tensors["model.layers.3.eh_proj.weight"] = np.zeros((64, 128), np.float32)  # module 1, incomplete
+  safetensors.numpy.save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+  with pytest.raises(ValueError, match=r"missing tensor 'model\.layers\.3\."):
+    hf.load_pretrained(tmp_path)
+
+
+def test_mtp_modules_roundtrip_in_deepseek_layout(tmp_path):
+  """Our MTP module is saved as DeepSeek publishes it (layer `num_hidden_layers`: a decoder layer, enorm, hnorm,
+  eh_proj, shared_head, copies of the embedding and head), loads back bit-exact, and transformers loads the
+  directory and gives the main model's logits."""
+  small = dict(vocab_size=96, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=64, init_std=0.3,
+               q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, moe_d_ff=8,
+               first_k_dense=1, n_experts=4, n_group=2, topk_group=1, n_experts_per_tok=2, mtp_depth=1,
+               rope_type="default", rope_scaling=())
+  cfg = models.preset("deepseek-v3", **small)
+  params = random_params(cfg)
+  hf.save_pretrained(cfg, params, tmp_path)
+  stored = safetensors_contents(tmp_path)
+  mtp = sorted(n[len("model.layers.2."):] for n in stored if n.startswith("model.layers.2."))
+  assert mtp == sorted(
+      ["embed_tokens.weight", "enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+       "shared_head.head.weight", "input_layernorm.weight", "post_attention_layernorm.weight",
+       "mlp.gate.weight", "mlp.gate.e_score_correction_bias", "mlp.shared_experts.gate_proj.weight",
+       "mlp.shared_experts.up_proj.weight", "mlp.shared_experts.down_proj.weight"]
+      + [f"self_attn.{m}.weight" for m in ("q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa",
+                                            "kv_a_layernorm", "kv_b_proj", "o_proj")]
+      + [f"mlp.experts.{e}.{m}.weight" for e in range(4) for m in ("gate_proj", "up_proj", "down_proj")])
+  assert stored["model.layers.2.embed_tokens.weight"] == stored["model.embed_tokens.weight"]
+  assert stored["model.layers.2.shared_head.head.weight"] == stored["lm_head.weight"]
+  eh = np.asarray(params["mtp"]["proj"]["kernel"][0])  # [2D, D], input [RMSNorm(emb); RMSNorm(h)]
+  np.testing.assert_array_equal(safetensors.numpy.load_file(tmp_path / "model.safetensors")[
+      "model.layers.2.eh_proj.weight"], eh.T)
+  cfg2, params2 = hf.load_pretrained(tmp_path)
+  assert cfg2 == cfg
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(params2)):
+    np.testing.assert_array_equal(np.asarray(a), b, err_msg=jax.tree_util.keystr(path))
+  model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+  tokens, mask = padded_batch(cfg.vocab_size)
+  assert max_diff(our_logits(cfg, params, tokens, mask), hf_logits(model, tokens, mask), mask) <= TOLERANCE
 
 
 @pytest.mark.parametrize("change,match", [

@@ -35,8 +35,10 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = None) -> tuple[ModelCo
   """(config, params) of a local HF checkpoint directory (config.json + safetensors, sharded or not).
 
   Supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel, MixtralForCausalLM and
-  DeepseekV3ForCausalLM (without its multi-token-prediction layers). `dtype` is the dtype of the returned numpy
-  arrays and of `config.param_dtype` (the DeepSeek-V3 router stays float32); None keeps the checkpoint's.
+  DeepseekV3ForCausalLM, with the multi-token-prediction modules the checkpoint stores (`config.mtp_depth`:
+  those of the `num_nextn_predict_layers` present as layers `num_hidden_layers + k`; transformers saves none).
+  `dtype` is the dtype of the returned numpy arrays and of `config.param_dtype` (the DeepSeek-V3 router stays
+  float32); None keeps the checkpoint's.
   Raises ValueError naming the tensor for a missing, unexpected or wrongly shaped tensor.
   """
   path = pathlib.Path(path)
@@ -44,6 +46,8 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = None) -> tuple[ModelCo
   files = _safetensors_files(path)
   dtype = jnp.dtype(dtype) if dtype is not None else _checkpoint_dtype(files, hf_config)
   cfg = mapping.config_from_hf(hf_config).replace(param_dtype=dtype.name)
+  if cfg.mtp_depth:
+    cfg = cfg.replace(mtp_depth=_stored_mtp_depth(cfg, files))
   shapes, fixed = _param_shapes(cfg), _fixed_dtypes(cfg)
   expected = mapping.tensor_table(cfg, shapes)
   flat = {p: np.empty(s, fixed.get(p, dtype)) for p, s in shapes.items()}
@@ -62,11 +66,13 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = None) -> tuple[ModelCo
         got = tuple(f.get_slice(stored).get_shape())
         if got != tensor.hf_shape:
           raise ValueError(f"tensor {stored!r} has shape {got}, expected {tensor.hf_shape} for the config")
+        seen.add(name)
+        if tensor.copy:
+          continue
         parts = mapping.to_ours(f.get_tensor(stored), tensor.row.layout, list(tensor.shapes))
         for target, part in zip(tensor.ours(flat), parts):
           target[...] = part  # Fills the preallocated (layer slice of the) array, cast to `dtype`.
-        seen.add(name)
-  missing = [n for n in expected if n not in seen]
+  missing = [n for n, t in expected.items() if n not in seen and not t.copy]
   if missing:
     raise ValueError(f"missing tensor {missing[0]!r} ({len(missing)} missing in all) in {path}")
   return cfg, _unflatten(flat)
@@ -79,7 +85,7 @@ def save_pretrained(config: ModelConfig, params: dict[str, Any], path: str | os.
   `dtype` is the stored dtype (None: `config.param_dtype`; the DeepSeek-V3 router is stored in float32, as
   transformers keeps it). Shards above `max_shard_size` (bytes, or a string like "5GB" / "500MiB") get an index json, as
   transformers writes them. Tied models have no `lm_head.weight`; DeepSeek-V3 multi-token-prediction modules
-  (`params["mtp"]`) are not written. Raises ValueError for options HF cannot represent (`scale_embedding`, ...).
+  (`params["mtp"]`) are written as layers `num_hidden_layers + k`, as DeepSeek publishes them. Raises ValueError for options HF cannot represent (`scale_embedding`, ...).
   """
   path = pathlib.Path(path)
   dtype = jnp.dtype(config.param_dtype if dtype is None else dtype)
@@ -113,6 +119,19 @@ def save_pretrained(config: ModelConfig, params: dict[str, Any], path: str | os.
     index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
     (path / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
   (path / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+
+
+def _stored_mtp_depth(cfg: ModelConfig, files: list[pathlib.Path]) -> int:
+  """How many of the config's multi-token-prediction modules (layers n_layers, n_layers + 1, ...) the checkpoint
+  holds: checkpoints saved by transformers declare them but store none."""
+  layers = set()
+  for file in files:
+    with safe_open(file, framework="np") as f:
+      layers |= {mapping.layer_index(name) for name in f.keys()}
+  depth = 0
+  while depth < cfg.mtp_depth and cfg.n_layers + depth in layers:
+    depth += 1
+  return depth
 
 
 def _param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -137,6 +137,19 @@ DEEPSEEK_V3_TABLE = _rows(
     ("lm_head.weight", "lm_head.kernel", LINEAR),
 )
 
+# DeepSeek-V3 multi-token prediction: module k is stored as layer `num_hidden_layers + k`, holding a decoder layer
+# (the table's `{i}` rows, our `mtp.block` slice k) and these. Its embedding and output head are copies of the
+# main model's (our model shares them): written on save, not read on load.
+DEEPSEEK_V3_MTP_TABLE = _rows(
+    ("model.layers.{i}.embed_tokens.weight", "embed.embedding", MATRIX),
+    ("model.layers.{i}.enorm.weight", "mtp.enorm.scale", VECTOR),
+    ("model.layers.{i}.hnorm.weight", "mtp.hnorm.scale", VECTOR),
+    ("model.layers.{i}.eh_proj.weight", "mtp.proj.kernel", LINEAR),
+    ("model.layers.{i}.shared_head.norm.weight", "mtp.norm.scale", VECTOR),
+    ("model.layers.{i}.shared_head.head.weight", "lm_head.kernel", LINEAR),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Architecture:
   name: str  # HF `architectures` entry.
@@ -144,6 +157,7 @@ class Architecture:
   model_type: str
   table: tuple[Row, ...]
   prefix: str  # of the base model's tensors, which base-model checkpoints (the original `gpt2`) omit.
+  mtp_table: tuple[Row, ...] = ()  # the multi-token-prediction modules' own tensors (DeepSeek-V3).
 
 
 ARCHITECTURES = {a.name: a for a in (
@@ -152,7 +166,8 @@ ARCHITECTURES = {a.name: a for a in (
     Architecture("Qwen2ForCausalLM", "qwen2", "qwen2", LLAMA_TABLE, "model."),
     Architecture("GPT2LMHeadModel", "gpt", "gpt2", GPT2_TABLE, "transformer."),
     Architecture("MixtralForCausalLM", "mixtral", "mixtral", MIXTRAL_TABLE, "model."),
-    Architecture("DeepseekV3ForCausalLM", "deepseek_v3", "deepseek_v3", DEEPSEEK_V3_TABLE, "model."),
+    Architecture("DeepseekV3ForCausalLM", "deepseek_v3", "deepseek_v3", DEEPSEEK_V3_TABLE, "model.",
+                 DEEPSEEK_V3_MTP_TABLE),
 )}
 BY_FAMILY = {a.family: a for a in ARCHITECTURES.values()}
 
@@ -198,11 +213,13 @@ def to_hf(arrays: list[np.ndarray], layout: Layout) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Tensor:
   """One HF tensor of a checkpoint: its table row, our parameter paths, the index of its slice of our
-  stacked arrays ((): the whole array, (layer,) or (layer, expert)) and our per-slice shapes."""
+  stacked arrays ((): the whole array, (layer,) or (layer, expert)) and our per-slice shapes. A `copy` repeats
+  a tensor stored elsewhere in the checkpoint (written, not read)."""
   row: Row
   paths: tuple[str, ...]
   index: tuple[int, ...]
   shapes: tuple[tuple[int, ...], ...]
+  copy: bool = False
 
   @property
   def hf_shape(self) -> tuple[int, ...]:
@@ -218,13 +235,14 @@ def tensor_table(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[s
 
   `shapes` maps our dotted parameter paths to their shapes (`param_shapes`, flattened).
   """
+  arch = BY_FAMILY[cfg.family]
   names = {}
-  for row in BY_FAMILY[cfg.family].table:
+  for row in arch.table:
     if "{i}" not in row.hf:
       if all(p in shapes for p in row.ours):
         names[row.hf] = Tensor(row, row.ours, (), tuple(shapes[p] for p in row.ours))
       continue
-    for stack, first in (("layers", 0), ("layers_moe", cfg.n_dense_layers)):
+    for stack, first in (("layers", 0), ("layers_moe", cfg.n_dense_layers), ("mtp.block", cfg.n_layers)):
       paths = tuple(_in_stack(p, stack) for p in row.ours)
       if not all(p in shapes for p in paths):
         continue
@@ -233,27 +251,43 @@ def tensor_table(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[s
           index = (i,) if e is None else (i, e)
           names[row.hf.format(i=first + i, e=e)] = Tensor(row, paths, index,
                                                           tuple(shapes[p][len(index):] for p in paths))
+  for k in range(cfg.mtp_depth):  # (after the blocks' rows: a module's tensors in the order of the others)
+    for row in arch.mtp_table:
+      if all(p in shapes for p in row.ours):
+        copy = not row.ours[0].startswith("mtp.")
+        index = () if copy else (k,)
+        names[row.hf.format(i=cfg.n_layers + k)] = Tensor(row, row.ours, index,
+                                                          tuple(shapes[p][len(index):] for p in row.ours), copy)
   return names
 
 
 def _in_stack(path: str, stack: str) -> str | None:
-  """A `layers.` row's path in `stack`; a `layers_moe.` row's path only in the MoE stack."""
-  if path.startswith("layers."):
-    return stack + path[len("layers"):]
-  return path if path.split(".")[0] == stack else None
+  """A `layers.` row's path in `stack`; a `layers_moe.` row's path only in the MoE stack; both in the
+  multi-token-prediction blocks (`mtp.block`, whose layers are MoE layers in a MoE model)."""
+  head, _, rest = path.partition(".")
+  if head == "layers" or (head == "layers_moe" and stack == "mtp.block"):
+    return f"{stack}.{rest}"
+  return path if head == stack else None
 
 
 def checkpoint_name(cfg: ModelConfig, name: str, expected: dict[str, Tensor]) -> str | None:
   """The table name of a stored tensor, or None for a buffer to skip (a tied model's stored head too, and
-  DeepSeek-V3's multi-token-prediction layers `model.layers.{n_layers + k}`, which we do not convert)."""
+  DeepSeek-V3's multi-token-prediction layers `model.layers.{n_layers + k}` past the config's `mtp_depth`)."""
   prefix = BY_FAMILY[cfg.family].prefix
   if name not in expected and prefix + name in expected:
     name = prefix + name
   if name not in expected and (IGNORED_TENSORS.search(name) or (cfg.tie_embeddings and name == "lm_head.weight")):
     return None
-  if cfg.family == "deepseek_v3" and (m := re.match(r"model\.layers\.(\d+)\.", name)) and int(m[1]) >= cfg.n_layers:
+  layer = layer_index(name)
+  if cfg.family == "deepseek_v3" and layer is not None and layer >= cfg.n_layers + cfg.mtp_depth:
     return None
   return name
+
+
+def layer_index(name: str) -> int | None:
+  """The layer index of a stored `model.layers.{i}.` tensor (None for others)."""
+  m = re.match(r"(?:model\.)?layers\.(\d+)\.", name)
+  return int(m[1]) if m else None
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -417,12 +451,13 @@ def _deepseek_v3_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
       n_shared_experts=hf.get("n_shared_experts") or 0, first_k_dense=hf.get("first_k_dense_replace") or 0,
       router="sigmoid", n_group=hf.get("n_group") or 1, topk_group=hf.get("topk_group") or 1,
       norm_topk_prob=hf.get("norm_topk_prob", True), routed_scaling_factor=hf.get("routed_scaling_factor", 1.0),
-      moe_aux_loss_coef=hf.get("aux_loss_alpha", 0.0))  # DeepSeek's config.json name; transformers ignores it.
+      moe_aux_loss_coef=hf.get("aux_loss_alpha", 0.0),  # DeepSeek's config.json name; transformers ignores it.
+      mtp_depth=hf.get("num_nextn_predict_layers") or 0)  # (hf.load_pretrained: 0 if the checkpoint has none)
 
 
 def _deepseek_v3_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-  """Multi-token-prediction modules are not exported (transformers does not run them): num_nextn_predict_layers
-  is 0 and `save_pretrained` leaves `params["mtp"]` out."""
+  """Multi-token-prediction modules are written as DeepSeek publishes them (num_nextn_predict_layers, layers
+  `num_hidden_layers + k`); transformers skips them on load and does not run them."""
   _check(cfg.attention == "mla" and cfg.router == "sigmoid" and cfg.n_experts > 0 and cfg.norm == "rms"
          and cfg.mlp == "swiglu" and cfg.activation == "silu" and cfg.sliding_window is None
          and not (cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias) and not cfg.learned_positions,
@@ -437,7 +472,7 @@ def _deepseek_v3_to_hf(cfg: ModelConfig) -> dict[str, Any]:
           "num_experts_per_tok": cfg.n_experts_per_tok, "first_k_dense_replace": cfg.first_k_dense,
           "norm_topk_prob": cfg.norm_topk_prob, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
           "rms_norm_eps": cfg.norm_eps, "rope_interleave": cfg.rope_interleave, "attention_bias": False,
-          "num_nextn_predict_layers": 0, "aux_loss_alpha": cfg.moe_aux_loss_coef, **_rope_to_hf(cfg)}
+          "num_nextn_predict_layers": cfg.mtp_depth, "aux_loss_alpha": cfg.moe_aux_loss_coef, **_rope_to_hf(cfg)}
 
 
 def _gpt2_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
