@@ -81,18 +81,30 @@ def test_train_step_moves_router_bias_by_the_rule_not_the_optimizer():
   step = make_train_step(cfg, tx, schedule, step_cfg, mesh)
   state, metrics = step(state, batch)
   state, metrics = step(state, batch)  # lr > 0 from step 2
-  bias_before = before["layers_moe"]["router"]["bias"]
-  load = np.asarray(metrics["expert_load"])
-  assert load.shape == (cfg.n_moe_layers, cfg.n_experts) and np.allclose(load.sum(-1), 1.0)
-  # Two rule steps of +-gamma (sign(mean - load), 0 where equal): every entry moved by a whole number of gammas.
-  moved = (np.asarray(state["params"]["layers_moe"]["router"]["bias"]) - bias_before) / 0.01
-  assert np.allclose(moved, np.round(moved), atol=1e-4) and np.abs(moved).max() <= 2 + 1e-4
-  assert np.abs(moved).max() > 0
-  assert not np.allclose(np.asarray(state["params"]["layers_moe"]["router"]["kernel"]),
-                         before["layers_moe"]["router"]["kernel"])
+  load = np.asarray(metrics["expert_load"])  # rows: the MoE layer, then the MTP block
+  assert cfg.n_routed_layers == cfg.n_moe_layers + 1 == 2
+  assert load.shape == (cfg.n_routed_layers, cfg.n_experts) and np.allclose(load.sum(-1), 1.0)
+  for name, stack in (("MoE layers", lambda p: p["layers_moe"]), ("MTP block", lambda p: p["mtp"]["block"])):
+    # Two rule steps of +-gamma (sign(mean - load), 0 where equal): every entry moved by a whole number of gammas.
+    moved = (np.asarray(stack(state["params"])["router"]["bias"]) - stack(before)["router"]["bias"]) / 0.01
+    assert np.allclose(moved, np.round(moved), atol=1e-4) and np.abs(moved).max() <= 2 + 1e-4, name
+    assert np.abs(moved).max() > 0, name
+    assert not np.allclose(np.asarray(stack(state["params"])["router"]["kernel"]), stack(before)["router"]["kernel"])
   for key in ("moe_loss", "mtp_loss", "moe_load_max", "moe_load_min", "router_bias_norm"):
     assert np.isfinite(float(metrics[key])), key
   assert float(metrics["moe_load_max"]) >= 1.0 >= float(metrics["moe_load_min"])
+
+
+def test_router_biases_of_each_routed_stack_move_by_their_rows_of_the_load():
+  e = 4
+  params = {"layers_moe": {"router": {"kernel": np.zeros((2, 3, e)), "bias": np.zeros((2, e), np.float32)}},
+            "mtp": {"block": {"router": {"kernel": np.zeros((1, 3, e)), "bias": np.ones((1, e), np.float32)}}}}
+  load = np.array([[0.4, 0.2, 0.2, 0.2], [0.25] * 4, [0.1, 0.1, 0.1, 0.7]], np.float32)
+  new = moe.update_router_biases(params, load, 0.5)
+  np.testing.assert_allclose(new["layers_moe"]["router"]["bias"], [[-0.5, 0.5, 0.5, 0.5], [0.0] * 4])
+  np.testing.assert_allclose(new["mtp"]["block"]["router"]["bias"], [[1.5, 1.5, 1.5, 0.5]])
+  assert np.all(params["mtp"]["block"]["router"]["bias"] == 1.0)  # the input is not modified
+  assert [b.shape for b in moe.router_biases(new)] == [(2, e), (1, e)]
 
 
 def test_loss_adds_the_moe_and_mtp_terms():
@@ -145,7 +157,7 @@ def test_small_deepseek_style_model_trains_on_cpu(tmp_path):
   train(c, str(tmp_path))
   log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert len(log) == 12 and log[-1]["ce"] < log[0]["ce"] - 0.5
-  assert all(len(r["expert_load"]) == 2 and len(r["expert_load"][0]) == 16 for r in log)
+  assert all(len(r["expert_load"]) == 3 and len(r["expert_load"][0]) == 16 for r in log)  # 2 MoE layers, MTP
   assert log[-1]["router_bias_norm"] > 0 and log[-1]["mtp_loss"] > 0
   from jpllm_jax import checkpoint
   cfg, params = checkpoint.load_params(tmp_path / "checkpoints")

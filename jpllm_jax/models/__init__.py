@@ -5,7 +5,7 @@
 
 `forward` is the entry point for every family; the family files hold presets of published models.
 Mixture-of-experts models return their auxiliary losses with `forward(..., return_aux=True)` (see `hidden`);
-`moe.update_router_bias` and `moe.trainable_mask` serve DeepSeek-V3's auxiliary-loss-free balancing.
+`moe.update_router_biases` and `moe.trainable_mask` serve DeepSeek-V3's auxiliary-loss-free balancing.
 """
 from __future__ import annotations
 

@@ -157,6 +157,12 @@ class ModelConfig:
     return self.n_layers - self.n_dense_layers
 
   @property
+  def n_routed_layers(self) -> int:
+    """Layers with a router: the MoE layers, then the multi-token-prediction blocks of a MoE model (the rows of
+    the "expert_load" statistics)."""
+    return self.n_moe_layers + self.mtp_depth if self.n_experts else 0
+
+  @property
   def rope_params(self) -> dict[str, float]:
     return dict(self.rope_scaling)
 

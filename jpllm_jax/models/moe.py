@@ -160,6 +160,44 @@ def update_router_bias(bias, load, gamma: float):
   return (bias.astype(jnp.float32) + step).astype(bias.dtype)
 
 
+ROUTED_STACKS = (("layers_moe",), ("mtp", "block"))  # the params' stacks of routed layers, in "expert_load" order
+
+
+def update_router_biases(params, load, gamma: float):
+  """`params` (not modified) with each routed stack's router bias moved by `update_router_bias` from its rows of
+  `load` [n_routed_layers, E] (the MoE layers, then the multi-token-prediction blocks); the softmax router has
+  no bias to move."""
+  row = 0
+  for stack in ROUTED_STACKS:
+    node = _get(params, stack)
+    if node is None:
+      continue
+    n = node["router"]["kernel"].shape[0]
+    if "bias" in node["router"]:
+      bias = update_router_bias(node["router"]["bias"], load[row:row + n], gamma)
+      params = _replace(params, (*stack, "router", "bias"), bias)
+    row += n
+  return params
+
+
+def router_biases(params) -> list:
+  """The router biases of the routed stacks, in "expert_load" order."""
+  nodes = [_get(params, stack) for stack in ROUTED_STACKS]
+  return [node["router"]["bias"] for node in nodes if node is not None and "bias" in node["router"]]
+
+
+def _get(tree, keys):
+  for key in keys:
+    if not isinstance(tree, dict) or key not in tree:
+      return None
+    tree = tree[key]
+  return tree
+
+
+def _replace(tree, keys, value):
+  return value if not keys else {**tree, keys[0]: _replace(tree[keys[0]], keys[1:], value)}
+
+
 def is_router_bias(path) -> bool:
   """Whether a `jax.tree_util` key path names a router bias (kept out of the optimizer)."""
   keys = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)

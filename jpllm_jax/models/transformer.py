@@ -256,12 +256,13 @@ def hidden(cfg: ModelConfig, params: Params, tokens, *, positions=None, segment_
   takes these to `models.fused_cross_entropy`, which never holds the [B, T, V] logits at once.
 
   With `return_aux`, returns (hidden, aux), aux a dict of
-    "moe_aux_loss"  scalar: moe_aux_loss_coef * the balance loss averaged over MoE layers (Switch loss for the
-                    softmax router, DeepSeek-V3's sequence-wise loss for the sigmoid router); 0 for dense models.
-    "router_z_loss" scalar: router_z_loss_coef * the router z-loss averaged over MoE layers; 0 for dense models.
-    "expert_load"   [L_moe, E] (MoE models): fraction of each layer's top-k assignments per expert, the input of
-                    `moe.update_router_bias`.
-    "moe_dropped"   int32 (MoE models): (token, expert) assignments dropped by the capacity, over all MoE layers.
+    "moe_aux_loss"  scalar: moe_aux_loss_coef * the balance loss averaged over the routed layers (Switch loss
+                    for the softmax router, DeepSeek-V3's sequence-wise loss for the sigmoid router); 0 for dense
+                    models. The routed layers are the MoE layers, then the MTP blocks of a MoE model.
+    "router_z_loss" scalar: router_z_loss_coef * the router z-loss averaged over the routed layers; 0 for dense.
+    "expert_load"   [n_routed_layers, E] (MoE models): fraction of each routed layer's top-k assignments per
+                    expert, the input of `moe.update_router_biases`.
+    "moe_dropped"   int32 (MoE models): (token, expert) assignments dropped by the capacity, over all of them.
     "mtp_hidden"    [mtp_depth, B, T, D] (MTP models): final-normed hidden states of the MTP blocks.
   Both losses are ready to add to the language-modelling loss; padding (segment id 0) is not counted.
   """
@@ -289,31 +290,35 @@ def hidden(cfg: ModelConfig, params: Params, tokens, *, positions=None, segment_
     return out
   zero = jnp.zeros((), jnp.float32)
   aux = {"moe_aux_loss": zero, "router_z_loss": zero}
-  if stats is not None:
-    aux = {"moe_aux_loss": cfg.moe_aux_loss_coef * jnp.mean(stats["balance_loss"]),
-           "router_z_loss": cfg.router_z_loss_coef * jnp.mean(stats["z_loss"]),
-           "expert_load": stats["expert_load"], "moe_dropped": jnp.sum(stats["dropped"])}
   if cfg.mtp_depth:
-    aux["mtp_hidden"] = _mtp(cfg, params, tokens, x, positions, mask, weights, inv_freq, dtype)
+    aux["mtp_hidden"], mtp_stats = _mtp(cfg, params, tokens, x, positions, mask, weights, inv_freq, dtype)
+    if mtp_stats is not None:
+      stats = mtp_stats if stats is None else jax.tree.map(lambda a, b: jnp.concatenate([a, b]), stats, mtp_stats)
+  if stats is not None:
+    aux.update(moe_aux_loss=cfg.moe_aux_loss_coef * jnp.mean(stats["balance_loss"]),
+               router_z_loss=cfg.router_z_loss_coef * jnp.mean(stats["z_loss"]),
+               expert_load=stats["expert_load"], moe_dropped=jnp.sum(stats["dropped"]))
   return out, aux
 
 
 def _mtp(cfg: ModelConfig, params: Params, tokens, h, positions, mask, weights, inv_freq, dtype):
   """DeepSeek-V3 multi-token prediction (arXiv:2412.19437 section 2.2, eq. 21-23): module k combines the
   previous depth's hidden state h_i (the main model's last block output for k = 0) with the embedding of
-  token i + k + 1, h' = W [RMSNorm(emb); RMSNorm(h)], and runs one more block; returns the final-normed
-  outputs [M, B, T, D]. The embedding and the output head are the main model's. Positions past the end of
-  the row see token 0 in place of t_{i+k+1}. The MoE statistics of the MTP blocks are not part of aux."""
-  outs = []
+  token i + k + 1, h' = W [RMSNorm(emb); RMSNorm(h)], and runs one more block. Returns the final-normed
+  outputs [M, B, T, D] and the blocks' MoE statistics stacked over M (None for dense blocks). The embedding
+  and the output head are the main model's. Positions past the end of the row see token 0 in place of
+  t_{i+k+1}."""
+  outs, stats = [], []
   for k in range(cfg.mtp_depth):
     p = jax.tree.map(lambda a, k=k: a[k], params["mtp"])
     ahead = jnp.pad(tokens[:, k + 1:], ((0, 0), (0, k + 1)))
     e = layers.norm(cfg, p["enorm"], _embed(cfg, params, ahead, positions, dtype))
     z = jnp.concatenate([e, layers.norm(cfg, p["hnorm"], h)], axis=-1)
     z = layers.dense(z, _cast_layer(p["proj"], dtype), "btd,de->bte")
-    h, _ = _block(cfg, _cast_layer(p["block"], dtype), z, positions, mask, None, inv_freq, weights)
+    h, s = _block(cfg, _cast_layer(p["block"], dtype), z, positions, mask, None, inv_freq, weights, True)
     outs.append(layers.norm(cfg, p["norm"], h))
-  return jnp.stack(outs)
+    stats.append(s)
+  return jnp.stack(outs), None if stats[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *stats)
 
 
 # ----------------------------------------------------------------------------------------- KV cache

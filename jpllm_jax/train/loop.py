@@ -237,7 +237,7 @@ def train(config, workdir: str) -> dict[str, Any]:
         tps = window_tokens / elapsed
         last = {k: float(metrics[k]) for k in ("loss", "ce", "z_loss", "grad_norm", "lr")}
         last.update({k: float(metrics[k]) for k in MOE_LOG_KEYS if k in metrics})
-        if "expert_load" in metrics:  # the load histogram: each MoE layer's fraction of assignments per expert.
+        if "expert_load" in metrics:  # the load histogram: each routed layer's fraction of assignments per expert.
           last["expert_load"] = np.round(np.asarray(metrics["expert_load"], np.float64), 5).tolist()
         last.update(skipped=int(metrics["skipped"]), skipped_total=skipped_total + int(metrics["skipped"]),
                     tokens_per_s=tps,

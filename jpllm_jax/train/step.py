@@ -76,7 +76,7 @@ def _mtp_targets(batch, k: int):
 
 def _loss_sums(cfg: ModelConfig, params, batch, z_loss: float, loss_chunk: int, mtp_loss_coef: float = 0.0):
   """Summed (not averaged) loss terms over a batch, so micro-batches add up exactly: (total, sums) with sums
-  {"loss" (= total), "ce", "z_loss", "tokens"} and, for MoE / MTP models, "moe_loss", "expert_load" [L_moe, E],
+  {"loss" (= total), "ce", "z_loss", "tokens"} and, for MoE / MTP models, "moe_loss", "expert_load" [L_r, E],
   "mtp_loss" (each a per-token mean times the tokens) and "moe_dropped" (assignments dropped by the capacity).
   `loss_chunk` > 0: tokens per chunk of the fused head + loss (`models.fused_cross_entropy`); 0: logits."""
   kwargs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
@@ -156,10 +156,8 @@ def train_step(state: State, batch: dict[str, jax.Array], *, cfg: ModelConfig, t
   trainable = moe.trainable_mask(updates)
   updates = jax.tree.map(lambda u, t: u if t else jnp.zeros_like(u), updates, trainable)
   new_params = optax.apply_updates(state["params"], updates)
-  if "expert_load" in metrics and "bias" in new_params.get("layers_moe", {}).get("router", {}):
-    router = new_params["layers_moe"]["router"]
-    new_params["layers_moe"]["router"] = {**router, "bias": moe.update_router_bias(
-        router["bias"], metrics["expert_load"], step_cfg.router_bias_rate)}
+  if "expert_load" in metrics:
+    new_params = moe.update_router_biases(new_params, metrics["expert_load"], step_cfg.router_bias_rate)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(bad, b, a), new, old)
   new_ema = jnp.where(ema > 0, step_cfg.ema_decay * ema + (1 - step_cfg.ema_decay) * metrics["loss"],
                       metrics["loss"])
@@ -181,13 +179,12 @@ def train_step(state: State, batch: dict[str, jax.Array], *, cfg: ModelConfig, t
 
 
 def moe_metrics(cfg: ModelConfig, params, load_LE) -> dict[str, jax.Array]:
-  """Balance of the experts: the largest and smallest load relative to uniform (1 = balanced) over layers and
-  experts, and the norm of the router biases after this step."""
+  """Balance of the experts: the largest and smallest load relative to uniform (1 = balanced) over the routed
+  layers and experts, and the norm of all router biases after this step."""
   rel = load_LE * cfg.n_experts
   out = {"moe_load_max": jnp.max(rel), "moe_load_min": jnp.min(rel)}
-  router = params.get("layers_moe", {}).get("router", {})
-  if "bias" in router:
-    out["router_bias_norm"] = jnp.linalg.norm(router["bias"].astype(jnp.float32))
+  if biases := moe.router_biases(params):
+    out["router_bias_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(b.astype(jnp.float32))) for b in biases))
   return out
 
 
