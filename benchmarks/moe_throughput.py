@@ -6,21 +6,24 @@ path ("auto": "padded" on CPU) and with impl="ragged" (`jax.lax.ragged_dot`), an
 the same active FLOPs (d_ff = 8 * 512 on the same tokens). XLA:CPU lowers ragged_dot to a masked product over
 all experts (E times the FLOPs and memory: ~39 GB at 4096 tokens), so that path runs on the first
 --ragged-tokens tokens; every path is reported in FLOP/s of its routed (active) FLOPs. Each is compiled and
-run once, then timed over --repeats runs (median). The paths take turns, so that load from other processes
-slows them alike, and each timed run follows an untimed run of the same step, as a training loop's steps
-follow each other: a step's temporaries are reused from its previous run's instead of faulted in afresh.
-Timing single runs in turn measured the allocator instead (2-core CPU, glibc huge pages): our step took 2.1 s
-after itself but 2.8-3.2 s after the dense step, with 1.2-1.3 s of system time for page faults (getrusage),
-while the dense step took 1.65 s either way; the ratio then swung between 0.52 and 0.70 from run to run.
+run once, then timed over --repeats runs (median). Ours and dense take turns, so that load from other
+processes slows them alike, and each timed run follows an untimed run of the same step, as a training loop's
+steps follow each other. Timing single runs in turn measured page faults instead (2-core CPU, glibc huge
+pages): our step (1.36 GB of temporaries, the dense one 0.40 GB) took 2.1 s after itself but 2.8-3.2 s after
+the dense step, 1.2-1.3 s of it system time (getrusage), while the dense step took 1.65 s either way; the ratio
+then swung between 0.52 and 0.70 from run to run. ragged_dot's runs come last, one after the other: its dense
+lowering faults in ~5 s of system time on a run after another step, which slowed the runs that followed it.
 It prints one JSON line per path and a final JSON line with the FLOP/s and the ratios ours/ragged and
 ours/dense.
 
   python benchmarks/moe_throughput.py [--tokens 4096] [--repeats 3]
 
 Results, 2026-11-27, f32, GFLOP/s of routed FLOPs (ours / ragged_dot / dense):
-  2 shared CPU cores (another job running): 65.8 / 1.14 / 91.5 and 63.8 / 1.12 / 94.6, so ours/ragged 57x and
-    ours/dense 0.72 and 0.68 ("padded": C = 576 rows per expert for a largest group of 562, mean 512).
-  one H200 (JAX 0.11.2, --ragged-tokens 4096, TF32): 49,150 / 3,660 / 186,300 ("pallas"; 13x and 0.26).
+  2 quiet CPU cores, huge pages: 144.2 / 2.46 / 188.1 and 145.9 / 2.62 / 181.2, so ours/ragged 59x and 56x,
+    ours/dense 0.77 and 0.81 ("padded": C = 568 rows per expert for a largest group of 562, mean 512); without
+    huge pages (JPLLM_NO_HUGE_PAGES=1) 126.7 / - / 178.9, 0.71.
+  one H200 (JAX 0.11.2, --ragged-tokens 4096, TF32, an earlier version): 49,150 / 3,660 / 186,300 ("pallas";
+    13x and 0.26).
 
 Like the other benchmarks it runs with glibc huge pages (jpllm_jax/cpu.py); JPLLM_NO_HUGE_PAGES=1 turns that off.
 """
@@ -90,12 +93,19 @@ def main():
   names = args.paths.split(",")
   steps = {name: grad_step(*paths[name][:4]) for name in names}
   times = {name: [] for name in names}
+
+  def timed(name):
+    t0 = time.perf_counter()
+    steps[name]()
+    times[name].append(time.perf_counter() - t0)
+
   for _ in range(args.repeats):  # interleaved, so that load from other processes hits every path alike
     for name in names:
-      steps[name]()  # untimed: the timed run follows a run of the same step, as in a training loop
-      t0 = time.perf_counter()
-      steps[name]()
-      times[name].append(time.perf_counter() - t0)
+      if name != "ragged":
+        steps[name]()  # untimed: the timed run follows a run of the same step, as in a training loop
+        timed(name)
+  for _ in range(args.repeats if "ragged" in names else 0):  # last: see the module docstring
+    timed("ragged")
   results = {}
   for name in names:
     t = float(np.median(times[name]))
