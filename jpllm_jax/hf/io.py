@@ -83,9 +83,10 @@ def save_pretrained(config: ModelConfig, params: dict[str, Any], path: str | os.
   """Writes an HF checkpoint directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
   `dtype` is the stored dtype (None: `config.param_dtype`; the DeepSeek-V3 router is stored in float32, as
-  transformers keeps it). Shards above `max_shard_size` (bytes, or a string like "5GB" / "500MiB") get an index json, as
-  transformers writes them. Tied models have no `lm_head.weight`; DeepSeek-V3 multi-token-prediction modules
-  (`params["mtp"]`) are written as layers `num_hidden_layers + k`, as DeepSeek publishes them. Raises ValueError for options HF cannot represent (`scale_embedding`, ...).
+  transformers keeps it). Shards above `max_shard_size` (bytes, or a string like "5GB" / "500MiB") get an index
+  json, as transformers writes them. Tied models have no `lm_head.weight`; DeepSeek-V3 multi-token-prediction
+  modules (`params["mtp"]`) are written as layers `num_hidden_layers + k`, as DeepSeek publishes them. Raises
+  ValueError for options HF cannot represent (`scale_embedding`, ...).
   """
   path = pathlib.Path(path)
   dtype = jnp.dtype(config.param_dtype if dtype is None else dtype)
