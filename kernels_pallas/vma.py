@@ -17,22 +17,21 @@ def varying_axes(*xs) -> frozenset:
   return frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in xs))
 
 
+def _vary_over(x, axes: frozenset):
+  missing = tuple(sorted(axes - varying_axes(x)))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
 def vary_alike(*xs) -> tuple:
   """`xs`, each cast to vary over every mesh axis that any of them varies over (the transposes of these casts
   are the psums over the axes that replicated each input)."""
   axes = varying_axes(*xs)
-  out = []
-  for x in xs:
-    missing = tuple(sorted(axes - varying_axes(x)))
-    out.append(jax.lax.pcast(x, missing, to="varying") if missing else x)
-  return tuple(out)
+  return tuple(_vary_over(x, axes) for x in xs)
 
 
 def zeros(shape, dtype, *like) -> jax.Array:
   """Zeros of `shape` and `dtype` that vary over the mesh axes of `like`."""
-  z = jnp.zeros(shape, dtype)
-  missing = tuple(sorted(varying_axes(*like)))
-  return jax.lax.pcast(z, missing, to="varying") if missing else z
+  return _vary_over(jnp.zeros(shape, dtype), varying_axes(*like))
 
 
 def shape_dtype(shape, dtype, like) -> jax.ShapeDtypeStruct:

@@ -44,10 +44,11 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = None) -> tuple[ModelCo
   path = pathlib.Path(path)
   hf_config = json.loads((path / "config.json").read_text())
   files = _safetensors_files(path)
-  dtype = jnp.dtype(dtype) if dtype is not None else _checkpoint_dtype(files, hf_config)
+  stored_dtypes = _stored_dtypes(files)
+  dtype = jnp.dtype(dtype) if dtype is not None else _checkpoint_dtype(stored_dtypes, hf_config)
   cfg = mapping.config_from_hf(hf_config).replace(param_dtype=dtype.name)
   if cfg.mtp_depth:
-    cfg = cfg.replace(mtp_depth=_stored_mtp_depth(cfg, files))
+    cfg = cfg.replace(mtp_depth=_stored_mtp_depth(cfg, stored_dtypes))
   shapes, fixed = _param_shapes(cfg), _fixed_dtypes(cfg)
   expected = mapping.tensor_table(cfg, shapes)
   flat = {p: np.empty(s, fixed.get(p, dtype)) for p, s in shapes.items()}
@@ -122,13 +123,19 @@ def save_pretrained(config: ModelConfig, params: dict[str, Any], path: str | os.
   (path / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
 
 
-def _stored_mtp_depth(cfg: ModelConfig, files: list[pathlib.Path]) -> int:
-  """How many of the config's multi-token-prediction modules (layers n_layers, n_layers + 1, ...) the checkpoint
-  holds: checkpoints saved by transformers declare them but store none."""
-  layers = set()
+def _stored_dtypes(files: list[pathlib.Path]) -> dict[str, str]:
+  """Stored tensor name -> safetensors dtype ("F32", "BF16", ...), read from the files' headers."""
+  stored = {}
   for file in files:
     with safe_open(file, framework="np") as f:
-      layers |= {mapping.layer_index(name) for name in f.keys()}
+      stored.update({k: f.get_slice(k).get_dtype() for k in f.keys()})
+  return stored
+
+
+def _stored_mtp_depth(cfg: ModelConfig, stored: dict[str, str]) -> int:
+  """How many of the config's multi-token-prediction modules (layers n_layers, n_layers + 1, ...) the checkpoint
+  holds: checkpoints saved by transformers declare them but store none."""
+  layers = {mapping.layer_index(name) for name in stored}
   depth = 0
   while depth < cfg.mtp_depth and cfg.n_layers + depth in layers:
     depth += 1
@@ -154,17 +161,14 @@ def _safetensors_files(path: pathlib.Path) -> list[pathlib.Path]:
   raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
 
 
-def _checkpoint_dtype(files: list[pathlib.Path], hf_config: dict[str, Any]) -> np.dtype:
+def _checkpoint_dtype(stored: dict[str, str], hf_config: dict[str, Any]) -> np.dtype:
   """The stored dtype; for a checkpoint of mixed dtypes, the one config.json declares."""
-  stored = set()
-  for file in files:
-    with safe_open(file, framework="np") as f:
-      stored |= {f.get_slice(k).get_dtype() for k in f.keys()}
-  if len(stored) == 1 and next(iter(stored)) in SAFETENSORS_DTYPES:
-    return jnp.dtype(SAFETENSORS_DTYPES[stored.pop()])
+  dtypes = set(stored.values())
+  if len(dtypes) == 1 and next(iter(dtypes)) in SAFETENSORS_DTYPES:
+    return jnp.dtype(SAFETENSORS_DTYPES[dtypes.pop()])
   declared = hf_config.get("dtype") or hf_config.get("torch_dtype")
   if declared is None:
-    raise ValueError(f"checkpoint has tensors of dtypes {sorted(stored)} and config.json declares none: pass dtype")
+    raise ValueError(f"checkpoint has tensors of dtypes {sorted(dtypes)} and config.json declares none: pass dtype")
   return jnp.dtype(declared)
 
 

@@ -108,23 +108,16 @@ MIXTRAL_TABLE = LLAMA_TABLE + _rows(
     ("model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight", "layers_moe.experts.up", LINEAR),
 )
 
-# DeepSeek-V3: MLA projections keep their fused HF form in our params (q_b/kv_b [rank, heads, nope|rope or
-# nope|v], kv_a [D, latent|rope]) and are split in the model, so every row is a plain transpose.
-DEEPSEEK_V3_TABLE = _rows(
-    ("model.embed_tokens.weight", "embed.embedding", MATRIX),
-    ("model.layers.{i}.input_layernorm.weight", "layers.attn_norm.scale", VECTOR),
-    ("model.layers.{i}.self_attn.q_proj.weight", "layers.attn.q.kernel", LINEAR),
+# DeepSeek-V3: Llama's names (q_proj: MLA without q compression; no k/v projections or biases) plus the latent
+# projections and the experts. MLA projections keep their fused HF form in our params (q_b/kv_b [rank, heads,
+# nope|rope or nope|v], kv_a [D, latent|rope]) and are split in the model, so every row is a plain transpose.
+DEEPSEEK_V3_TABLE = LLAMA_TABLE + _rows(
     ("model.layers.{i}.self_attn.q_a_proj.weight", "layers.attn.q_a.kernel", LINEAR),
     ("model.layers.{i}.self_attn.q_a_layernorm.weight", "layers.attn.q_norm.scale", VECTOR),
     ("model.layers.{i}.self_attn.q_b_proj.weight", "layers.attn.q_b.kernel", LINEAR),
     ("model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight", "layers.attn.kv_a.kernel", LINEAR),
     ("model.layers.{i}.self_attn.kv_a_layernorm.weight", "layers.attn.kv_norm.scale", VECTOR),
     ("model.layers.{i}.self_attn.kv_b_proj.weight", "layers.attn.kv_b.kernel", LINEAR),
-    ("model.layers.{i}.self_attn.o_proj.weight", "layers.attn.o.kernel", HEADS_LINEAR),
-    ("model.layers.{i}.post_attention_layernorm.weight", "layers.mlp_norm.scale", VECTOR),
-    ("model.layers.{i}.mlp.gate_proj.weight", "layers.mlp.gate.kernel", LINEAR),
-    ("model.layers.{i}.mlp.up_proj.weight", "layers.mlp.up.kernel", LINEAR),
-    ("model.layers.{i}.mlp.down_proj.weight", "layers.mlp.down.kernel", LINEAR),
     ("model.layers.{i}.mlp.gate.weight", "layers_moe.router.kernel", LINEAR),
     ("model.layers.{i}.mlp.gate.e_score_correction_bias", "layers_moe.router.bias", VECTOR),
     ("model.layers.{i}.mlp.experts.{e}.gate_proj.weight", "layers_moe.experts.gate", LINEAR),
@@ -133,8 +126,6 @@ DEEPSEEK_V3_TABLE = _rows(
     ("model.layers.{i}.mlp.shared_experts.gate_proj.weight", "layers_moe.shared.gate.kernel", LINEAR),
     ("model.layers.{i}.mlp.shared_experts.up_proj.weight", "layers_moe.shared.up.kernel", LINEAR),
     ("model.layers.{i}.mlp.shared_experts.down_proj.weight", "layers_moe.shared.down.kernel", LINEAR),
-    ("model.norm.weight", "final_norm.scale", VECTOR),
-    ("lm_head.weight", "lm_head.kernel", LINEAR),
 )
 
 # DeepSeek-V3 multi-token prediction: module k is stored as layer `num_hidden_layers + k`, holding a decoder layer

@@ -196,10 +196,13 @@ def _after(x, *done):
   return jax.lax.optimization_barrier((x, *done))[0]
 
 
-def _combine(rows, row_of, weights_A, n: int):
-  """y [n, D]: each token's assignments' rows (zeros where row_of is past the rows), weighted and summed."""
-  picked = jnp.take(rows, row_of, axis=0, mode="fill", fill_value=0)
-  return (picked.reshape(n, -1, rows.shape[-1]) * weights_A.reshape(n, -1, 1).astype(rows.dtype)).sum(1)
+def combine(rows, row_of, n: int, weights_A=None):
+  """y [n, D]: each token's assignments' rows (row_of [n * k]; zeros where past the rows), summed, weighted by
+  weights_A [n * k] if given."""
+  picked = jnp.take(rows, row_of, axis=0, mode="fill", fill_value=0).reshape(n, -1, rows.shape[-1])
+  if weights_A is not None:
+    picked = picked * weights_A.reshape(n, -1, 1).astype(rows.dtype)
+  return picked.sum(1)
 
 
 def _forward(cfg: _Config, spec, x, weights_A, w_gate, w_up, w_down, e_A, rank, keep, kept):
@@ -210,7 +213,7 @@ def _forward(cfg: _Config, spec, x, weights_A, w_gate, w_up, w_down, e_A, rank, 
   u = mm(_after(x_rows, g), w_up)
   out = mm(_layers().activation(cfg.activation, g) * u, w_down)
   take = lambda rows: jnp.take(rows, row_of, axis=0, mode="fill", fill_value=0)
-  return _combine(out, row_of, weights_A, x.shape[0]).astype(x.dtype), take(g), take(u)
+  return combine(out, row_of, x.shape[0], weights_A).astype(x.dtype), take(g), take(u)
 
 
 def _backward(cfg: _Config, spec, x, weights_A, w_gate, w_up, w_down, e_A, rank, keep, kept, g_A, u_A, dy):
@@ -231,7 +234,7 @@ def _backward(cfg: _Config, spec, x, weights_A, w_gate, w_up, w_down, e_A, rank,
   # Left concurrent: putting these in sequence like the forward's measured no faster.
   dx_g, dw_gate = jax.vjp(mm, x_rows, w_gate)[1](dg)
   dx_u, dw_up = jax.vjp(mm, x_rows, w_up)[1](du)
-  dx = _combine(dx_g + dx_u, row_of, jnp.ones_like(weights_A), x.shape[0]).astype(x.dtype)
+  dx = combine(dx_g + dx_u, row_of, x.shape[0]).astype(x.dtype)
   return dx, dweights_A, dw_gate, dw_up, dw_down
 
 

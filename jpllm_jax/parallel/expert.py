@@ -125,8 +125,7 @@ def _dispatch_compute_combine(x, ids, gates, wg, wu, wd, *, num_experts: int, ex
   out_R = _local_experts(to_experts(send_x), to_experts(send_g), to_experts(send_e), wg, wu, wd, mean_rows=a,
                          group_cap=None if cap is None else n_ep * cap, impl=impl, activation=activation)
   # The rows come back already weighted by their gates: each token sums its k rows (zeros where dropped).
-  out_A = jnp.take(to_experts(out_R), flat, axis=0, mode="fill", fill_value=0)
-  y = out_A.reshape(n, k, -1).sum(1).astype(x.dtype)
+  y = ops.combine(to_experts(out_R), flat, n).astype(x.dtype)
   return y, (a - keep.sum()).astype(jnp.int32), load
 
 

@@ -184,7 +184,7 @@ def moe_metrics(cfg: ModelConfig, params, load_LE) -> dict[str, jax.Array]:
   rel = load_LE * cfg.n_experts
   out = {"moe_load_max": jnp.max(rel), "moe_load_min": jnp.min(rel)}
   if biases := moe.router_biases(params):
-    out["router_bias_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(b.astype(jnp.float32))) for b in biases))
+    out["router_bias_norm"] = optax.tree.norm(biases)  # (stored in float32)
   return out
 
 
