@@ -1,4 +1,7 @@
-"""Shared test fixtures: tiny configs of every family and the path to the shared data."""
+"""Shared test fixtures: tiny configs of every family and the path to the shared data.
+
+The shared data (`../shared/data`, or `$JPLLM_SHARED_DATA`) is required: without it the session stops at the
+start with one message naming the path, instead of tests skipping or failing one by one."""
 from __future__ import annotations
 
 import os
@@ -11,7 +14,13 @@ import pytest  # noqa: E402
 from jpllm_jax.models import gpt, llama, mistral, qwen2  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = pathlib.Path(os.environ.get("JPLLM_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def pytest_sessionstart(session):
+  if not SHARED_DATA.is_dir():
+    raise pytest.UsageError(f"the tests read shared data from {SHARED_DATA}, which is not a directory: put the "
+                            "shared data there (see the README) or set JPLLM_SHARED_DATA to where it is")
 
 TINY = dict(vocab_size=101, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=64, init_std=0.3)
 
