@@ -145,15 +145,9 @@ def _pieces(sp) -> list[str]:
   return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
 
 
-def expand_checkpoint(ckpt_dir: str | os.PathLike, base_tokenizer_path: str, new_tokenizer_path: str,
-                      out_dir: str | os.PathLike, pad_multiple: int = 128) -> ModelConfig:
-  """Expands the checkpoint in `ckpt_dir` (latest step) from the base tokenizer's vocabulary to the new
-  tokenizer's and saves it (step 0) to `out_dir`; returns the new config.
-
-  The new tokenizer must extend the base one: its first `V_base` pieces equal the base pieces, in order. The
-  new pieces are the ids >= V_base of the new model, initialised by `new_token_rows` with the base tokenizer.
-  """
-  from jpllm_jax import checkpoint
+def expansion_rows(base_tokenizer_path: str, new_tokenizer_path: str) -> tuple[int, list[list[int]]]:
+  """(V_base, `new_token_rows` of the new pieces): the new tokenizer must extend the base one (its first
+  `V_base` pieces equal the base pieces, in order); its pieces from id V_base on are the new ones."""
   from jpllm_jax.tokenizer import load_tokenizer
 
   base, new_sp = load_tokenizer(base_tokenizer_path), load_tokenizer(new_tokenizer_path)
@@ -163,12 +157,20 @@ def expand_checkpoint(ckpt_dir: str | os.PathLike, base_tokenizer_path: str, new
     bad = next((i for i, (a, b) in enumerate(zip(base_pieces, new_all)) if a != b), min(n_base, len(new_all)))
     raise ValueError(f"the new tokenizer {new_tokenizer_path} does not extend the base {base_tokenizer_path}: "
                      f"pieces differ first at id {bad} (base has {n_base} pieces, new has {len(new_all)})")
+  return n_base, new_token_rows(new_all[n_base:], base)
+
+
+def expand_checkpoint(ckpt_dir: str | os.PathLike, base_tokenizer_path: str, new_tokenizer_path: str,
+                      out_dir: str | os.PathLike, pad_multiple: int = 128) -> ModelConfig:
+  """Expands the checkpoint in `ckpt_dir` (latest step) from the base tokenizer's vocabulary to the new
+  tokenizer's (`expansion_rows`) and saves it (step 0) to `out_dir`; returns the new config."""
+  from jpllm_jax import checkpoint
+
+  n_base, rows = expansion_rows(base_tokenizer_path, new_tokenizer_path)
   cfg, params = checkpoint.load_params(ckpt_dir)
   if cfg.vocab_size < n_base:
     raise ValueError(f"checkpoint vocab_size={cfg.vocab_size} is smaller than the base tokenizer ({n_base})")
-  new_pieces = new_all[n_base:]
-  rows = new_token_rows(new_pieces, base)
-  new_cfg, new_params = expand_embeddings(cfg, params, len(new_all), rows, pad_multiple=pad_multiple,
+  new_cfg, new_params = expand_embeddings(cfg, params, n_base + len(rows), rows, pad_multiple=pad_multiple,
                                           base_vocab_size=n_base)
   checkpoint.save_params(out_dir, new_cfg, new_params, step=0)
   return new_cfg
