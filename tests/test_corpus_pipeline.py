@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from conftest import REPO, SHARED_DATA
-from jpllm_jax.corpus import pipeline, synthetic
+from benchmarks import synthetic_crawl as synthetic
+from jpllm_jax.corpus import pipeline
 
 WARCS = SHARED_DATA / "web" / "warc"
 TEXT = SHARED_DATA / "text_ja" / "pretrain_ja.jsonl"

@@ -10,7 +10,8 @@ import re
 import pytest
 
 from conftest import SHARED_DATA
-from jpllm_jax.corpus import minhash, synthetic
+from benchmarks import synthetic_crawl as synthetic
+from jpllm_jax.corpus import minhash
 
 fastwarc = pytest.importorskip("fastwarc.warc")
 TEXT = SHARED_DATA / "text_ja" / "pretrain_ja.jsonl"

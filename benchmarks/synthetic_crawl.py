@@ -590,7 +590,7 @@ def _warc_record(headers: list[tuple[str, str]], block: bytes) -> bytes:
 
 
 def _warcinfo(filename: str, record_id: str, date: datetime.datetime, n_pages: int, seed: int) -> bytes:
-  fields = (f"software: jpllm_jax.corpus.synthetic\r\nformat: WARC File Format 1.0\r\n"
+  fields = (f"software: benchmarks.synthetic_crawl\r\nformat: WARC File Format 1.0\r\n"
             f"description: synthetic Japanese crawl, {n_pages} pages, seed {seed}\r\n"
             "isPartOf: jpllm-synthetic-crawl\r\nrobots: classic\r\n").encode("utf-8")
   return _warc_record([("WARC-Type", "warcinfo"), ("WARC-Record-ID", record_id),
@@ -632,7 +632,7 @@ def _write(pages: Sequence[_Page], path: str, seed: int, shard: int, rng: random
 def _manifest(pages: list[dict[str, Any]], pairs: list[dict[str, Any]], files: list[str], n_pages: int,
               seed: int) -> dict[str, Any]:
   counts = collections.Counter(p["kind"] for p in pages)
-  return {"generator": "jpllm_jax.corpus.synthetic", "seed": seed, "n_pages": n_pages, "ngram": NGRAM,
+  return {"generator": "benchmarks.synthetic_crawl", "seed": seed, "n_pages": n_pages, "ngram": NGRAM,
           "body": "article paragraphs joined by newlines", "files": files,
           "counts": {k: counts.get(k, 0) for k in KINDS}, "pages": pages, "pairs": pairs}
 
@@ -688,7 +688,7 @@ def body_texts_from_html(html_text: str) -> str:
   return "\n".join(html.unescape(p) for p in re.findall(r"<p>(.*?)</p>", m.group(1), re.S))
 
 
-if __name__ == "__main__":  # python -m jpllm_jax.corpus.synthetic PARAGRAPHS.jsonl N OUT_DIR [SHARDS]
+if __name__ == "__main__":  # python -m benchmarks.synthetic_crawl PARAGRAPHS.jsonl N OUT_DIR [SHARDS]
   import sys
   src, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
   with open(src, encoding="utf-8") as fh:
