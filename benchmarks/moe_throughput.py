@@ -1,29 +1,23 @@
 r"""Forward+backward throughput of one MoE expert layer (issue: mixture of experts) on this machine.
 
-d_model 1024, 64 experts, top-8, expert FFN 512, 4096 tokens, f32, uniform random routing. In one process it
-times the value-and-gradient (wrt x, gates and the three expert weights) of `jpllm_jax.moe.moe_ffn` with our
-path ("auto": "padded" on CPU) and with impl="ragged" (`jax.lax.ragged_dot`), and of the dense SwiGLU FFN with
-the same active FLOPs (d_ff = 8 * 512 on the same tokens). XLA:CPU lowers ragged_dot to a masked product over
-all experts (E times the FLOPs and memory: ~39 GB at 4096 tokens), so that path runs on the first
---ragged-tokens tokens; every path is reported in FLOP/s of its routed (active) FLOPs. Each is compiled and
-run once, then timed over --repeats runs (median). Ours and dense take turns, so that load from other
-processes slows them alike, and each timed run follows an untimed run of the same step, as a training loop's
-steps follow each other. Timing single runs in turn measured page faults instead (2-core CPU, glibc huge
-pages): our step (1.36 GB of temporaries, the dense one 0.40 GB) took 2.1 s after itself but 2.8-3.2 s after
-the dense step, 1.2-1.3 s of it system time (getrusage), while the dense step took 1.65 s either way; the ratio
-then swung between 0.52 and 0.70 from run to run. ragged_dot's runs come last, one after the other: its dense
-lowering faults in ~5 s of system time on a run after another step, which slowed the runs that followed it.
-It prints one JSON line per path and a final JSON line with the FLOP/s and the ratios ours/ragged and
-ours/dense.
+d_model 1024, 64 experts, top-8, expert FFN 512, 4096 tokens, f32. In one process it times the value-and-gradient
+(wrt x, gates and the three expert weights) of `jpllm_jax.moe.moe_ffn` with our path ("auto": "padded" on CPU)
+and with impl="ragged" (`jax.lax.ragged_dot`), and of the dense SwiGLU FFN with the same active FLOPs
+(d_ff = 8 * 512), all on the same tokens. The routed paths run two routings: uniform (k distinct experts per
+token, equally likely) and skewed (Zipf-like popularity p_e ~ 1 / (e + 1)^s, k distinct experts per token drawn
+without replacement), each reported with its max/mean expert load. FLOP/s count routed (active) FLOPs.
 
-  python benchmarks/moe_throughput.py [--tokens 4096] [--repeats 3]
+ragged_dot is timed only where its compiled step fits in memory: XLA:CPU lowers it to a masked product over all
+experts, and `memory_analysis()` of the compiled step gives its temporaries (35 GB at 4096 tokens on CPU). A step
+that needs more than --memory-fraction of the available memory is reported as not measurable, with that need,
+and its ratio is left out: ratios are only ever taken between runs on the same tokens.
 
-Results, 2026-11-27, f32, GFLOP/s of routed FLOPs (ours / ragged_dot / dense):
-  2 quiet CPU cores, huge pages: 144.2 / 2.46 / 188.1 and 145.9 / 2.62 / 181.2, so ours/ragged 59x and 56x,
-    ours/dense 0.77 and 0.81 ("padded": C = 568 rows per expert for a largest group of 562, mean 512); without
-    huge pages (JPLLM_NO_HUGE_PAGES=1) 126.7 / - / 178.9, 0.71.
-  one H200 (JAX 0.11.2, --ragged-tokens 4096, TF32, an earlier version): 49,150 / 3,660 / 186,300 ("pallas";
-    13x and 0.26).
+Every path gets the same warm-up: compiled and run once, then per repeat one untimed run followed by the timed run
+(a training loop's steps follow each other; timing single runs after a different step measured page faults). The
+paths take turns, repeat by repeat, so that load from other processes slows them alike; each reports the median.
+It prints one JSON line per path and a final JSON line whose headline is `ours_over_dense` (uniform routing).
+
+  python benchmarks/moe_throughput.py [--tokens 4096] [--repeats 3] [--zipf 1.0]
 
 Like the other benchmarks it runs with glibc huge pages (jpllm_jax/cpu.py); JPLLM_NO_HUGE_PAGES=1 turns that off.
 """
@@ -53,13 +47,35 @@ def dense_ffn(x, gates, w_gate, w_up, w_down, expert_ids):
   return layers.matmul("nf,fd->nd", h, w_down)
 
 
-def grad_step(fn, args, expert_ids, dy):
-  """The jitted value-and-grad of sum(fn(*args, expert_ids) * dy) wrt args, compiled and run once; returns a
-  function that runs it and waits."""
+def routed(impl: str):
+  return lambda x, g, wg, wu, wd, ids: moe_ffn(x, ids, g, wg, wu, wd, impl=impl)[0]
+
+
+def route(rng: np.random.Generator, n: int, e: int, k: int, zipf: float) -> np.ndarray:
+  """k distinct experts per token, drawn without replacement with p_e ~ 1 / (e + 1)^zipf (Gumbel top-k);
+  zipf 0 is uniform."""
+  logp = -zipf * np.log(np.arange(1, e + 1))
+  return np.argsort(-(logp - np.log(-np.log(rng.random((n, e))))), axis=1)[:, :k].astype(np.int32)
+
+
+def compile_step(fn, args, expert_ids, dy):
+  """The jitted, compiled value-and-grad of sum(fn(*args, expert_ids) * dy) wrt args (not run)."""
   loss = lambda *a: jnp.vdot(fn(*a), dy)
-  step = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args)))))
-  jax.block_until_ready(step(*args, expert_ids))
-  return lambda: jax.block_until_ready(step(*args, expert_ids))
+  return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args))))).lower(*args, expert_ids).compile()
+
+
+def step_bytes(compiled) -> int:
+  m = compiled.memory_analysis()
+  return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+
+
+def available_bytes() -> int:
+  """Memory a step may use: the device's limit on accelerators, MemAvailable (/proc/meminfo) on CPU."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if "bytes_limit" in stats:
+    return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+  with open("/proc/meminfo", encoding="ascii") as f:
+    return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
 
 
 def main():
@@ -70,57 +86,66 @@ def main():
   ap.add_argument("--top-k", type=int, default=8)
   ap.add_argument("--d-expert", type=int, default=512)
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--zipf", type=float, default=1.0, help="exponent s of the skewed routing")
   ap.add_argument("--paths", default="ours,ragged,dense")
-  ap.add_argument("--ragged-tokens", type=int, default=512,
-                  help="tokens of the ragged_dot path (its dense lowering on CPU needs ~39 GB at 4096)")
+  ap.add_argument("--memory-fraction", type=float, default=0.5,
+                  help="largest share of the available memory a timed step may need")
   args = ap.parse_args()
   n, d, e, k, f = args.tokens, args.d_model, args.experts, args.top_k, args.d_expert
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
-  ids = jnp.asarray(np.argsort(rng.random((n, e)), axis=1)[:, :k], jnp.int32)  # k distinct uniform experts
   gates = jnp.asarray(rng.dirichlet(np.ones(k), size=n), jnp.float32)
   w = [jnp.asarray(rng.normal(size=s) / np.sqrt(s[1]), jnp.float32) for s in [(e, d, f), (e, d, f), (e, f, d)]]
-  dense_w = [jnp.asarray(rng.normal(size=s) / np.sqrt(s[0]), jnp.float32) for s in [(d, k * f), (d, k * f),
-                                                                                       (k * f, d)]]
+  dense_w = [jnp.asarray(rng.normal(size=s) / np.sqrt(s[0]), jnp.float32)
+             for s in [(d, k * f), (d, k * f), (k * f, d)]]
   dy = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
-  flops = lambda tokens: 3 * 2 * 3 * tokens * k * d * f  # 3 matmuls of 2 N k D F FLOPs, forward + backward (3x)
-  load = np.bincount(np.asarray(ids).ravel(), minlength=e)
-  routed = lambda impl: (lambda x, g, wg, wu, wd, ids: moe_ffn(x, ids, g, wg, wu, wd, impl=impl)[0])
-  rt = min(n, args.ragged_tokens)
-  paths = {"ours": (routed("auto"), [x, gates, *w], ids, dy, n),
-           "ragged": (routed("ragged"), [x[:rt], gates[:rt], *w], ids[:rt], dy[:rt], rt),
-           "dense": (dense_ffn, [x, gates, *dense_w], ids, dy, n)}
+  gflop = 3 * 2 * 3 * n * k * d * f / 1e9  # 3 matmuls of 2 N k D F FLOPs, forward + backward (3x)
+  routings = {"uniform": route(rng, n, e, k, 0.0), "skewed": route(rng, n, e, k, args.zipf)}
+  loads = {r: np.bincount(ids.ravel(), minlength=e) for r, ids in routings.items()}
   names = args.paths.split(",")
-  steps = {name: grad_step(*paths[name][:4]) for name in names}
-  times = {name: [] for name in names}
+  cases = {}  # name -> (fn, args, expert_ids)
+  for r, ids in routings.items():
+    for impl, name in (("auto", "ours"), ("ragged", "ragged")):
+      if name in names:
+        cases[f"{name}/{r}"] = (routed(impl), [x, gates, *w], jnp.asarray(ids))
+  if "dense" in names:
+    cases["dense"] = (dense_ffn, [x, gates, *dense_w], jnp.asarray(routings["uniform"]))
 
-  def timed(name):
-    t0 = time.perf_counter()
-    steps[name]()
-    times[name].append(time.perf_counter() - t0)
+  budget = args.memory_fraction * available_bytes()
+  steps, skipped, need_gb = {}, {}, {}
+  for name, (fn, a, ids) in cases.items():
+    compiled = compile_step(fn, a, ids, dy)
+    need = step_bytes(compiled)
+    need_gb[name] = round(need / 1e9, 2)
+    if need > budget:
+      skipped[name] = f"not measurable at {n} tokens: needs ~{need / 1e9:.1f} GB (budget {budget / 1e9:.1f} GB)"
+      print(json.dumps({"path": name, "tokens": n, "skipped": skipped[name]}), flush=True)
+      continue
+    steps[name] = (lambda c, a, ids: lambda: jax.block_until_ready(c(*a, ids)))(compiled, a, ids)
+    steps[name]()  # first run, untimed
 
-  for _ in range(args.repeats):  # interleaved, so that load from other processes hits every path alike
-    for name in names:
-      if name != "ragged":
-        steps[name]()  # untimed: the timed run follows a run of the same step, as in a training loop
-        timed(name)
-  for _ in range(args.repeats if "ragged" in names else 0):  # last: see the module docstring
-    timed("ragged")
-  results = {}
-  for name in names:
-    t = float(np.median(times[name]))
-    fl = flops(paths[name][4])
-    results[name] = {"path": name, "tokens": paths[name][4], "step_s": round(t, 4), "gflops": round(fl / t / 1e9, 2),
-                     "gflops_best": round(fl / min(times[name]) / 1e9, 2)}
-    print(json.dumps(results[name]), flush=True)
-  gf = {name: r["gflops"] for name, r in results.items()}
+  times = {name: [] for name in steps}
+  for _ in range(args.repeats):  # paths take turns, so that load from other processes hits them alike
+    for name, run in steps.items():
+      run()  # untimed: the timed run follows a run of the same step, as in a training loop
+      t0 = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - t0)
+  gf = {}
+  for name, t in times.items():
+    gf[name] = round(gflop / float(np.median(t)), 2)
+    print(json.dumps({"path": name, "tokens": n, "step_s": round(float(np.median(t)), 4), "gflops": gf[name],
+                      "gflops_best": round(gflop / min(t), 2), "step_gb": need_gb[name]}), flush=True)
   ratio = lambda a, b: round(gf[a] / gf[b], 3) if a in gf and b in gf else None
-  print(json.dumps({"benchmark": "moe_throughput", "device": jax.devices()[0].platform, "impl": default_impl(),
-                    "huge_pages": "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""),
-                    "shape": {"tokens": n, "d_model": d, "experts": e, "top_k": k, "d_expert": f},
-                    "max_load": int(load.max()), "mean_load": n * k / e, "gflop_per_step": round(flops(n) / 1e9, 1),
-                    "gflops": gf, "ours_over_ragged": ratio("ours", "ragged"),
-                    "ours_over_dense": ratio("ours", "dense")}))
+  print(json.dumps({
+      "benchmark": "moe_throughput", "device": jax.devices()[0].platform, "impl": default_impl(),
+      "huge_pages": "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""),
+      "shape": {"tokens": n, "d_model": d, "experts": e, "top_k": k, "d_expert": f}, "zipf_s": args.zipf,
+      "load_max_over_mean": {r: round(float(l.max()) / (n * k / e), 3) for r, l in loads.items()},
+      "gflop_per_step": round(gflop, 1), "gflops": gf, "not_measured": skipped,
+      "ours_over_dense": ratio("ours/uniform", "dense"), "ours_over_dense_skewed": ratio("ours/skewed", "dense"),
+      "ours_over_ragged": ratio("ours/uniform", "ragged/uniform"),
+      "ours_over_ragged_skewed": ratio("ours/skewed", "ragged/skewed")}))
 
 
 if __name__ == "__main__":
