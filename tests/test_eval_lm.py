@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 
@@ -70,14 +71,45 @@ def test_batched_scoring_equals_one_by_one():
   np.testing.assert_allclose([[s.logprob for s in r] for r in a], [[s.logprob for s in r] for r in b], atol=1e-4)
 
 
+_forward = jax.jit(models.forward, static_argnums=0)
+
+
+def _reference_logprobs(cfg, params, ids: list[int], n_cont: int) -> tuple[np.ndarray, float]:
+  """Plain forward over the whole row: the last position's log-probs and the summed log-prob of the last
+  `n_cont` tokens as the continuation of the rest. (Rows are right-padded to one shape: a causal model's
+  earlier positions do not see the padding.)"""
+  padded = jnp.asarray([ids + [0] * (cfg.max_seq_len - len(ids))])
+  logp = np.asarray(jax.nn.log_softmax(_forward(cfg, params, padded)[0]), np.float64)[:len(ids)]
+  start = len(ids) - n_cont
+  return logp[-1], float(sum(logp[start - 1 + i, t] for i, t in enumerate(ids[start:])))
+
+
 def test_prompts_longer_than_max_len_are_cut_from_the_left_and_counted():
   cfg = models.preset("llama2-7b", vocab_size=32000, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64,
-                      max_seq_len=128)
+                      max_seq_len=128, init_std=0.3)
   params = models.init(cfg, jax.random.key(0))
   lm = LanguageModel(cfg, params, load_tokenizer(), batch_size=2)
-  long = "日本語の文章です。" * 60
+  long = "".join(f"{i}番目の文です。" for i in range(40)) + "\n"  # its left and right ends differ
+  ids = lm.encode(long)
+  choices = ["はい", "いいえ", "たぶん", "わかりません"]
+  assert len(ids) > cfg.max_seq_len and lm._split(long, choices)[0] == ids  # "\n" ends a piece
+  # Generation: BOS and the rightmost max_len - max_new_tokens - 1 tokens, continued greedily.
   out = lm.generate([long, "短い"], max_new_tokens=4)
   assert len(out) == 2 and lm.counters.truncated_prompts == 1
-  scores = lm.loglikelihood([(long, ["はい", "いいえ"])])
-  assert len(scores[0]) == 2 and lm.counters.truncated_prompts == 2
-  assert harness.choose(scores[0], ["はい", "いいえ"], "none") in (0, 1)
+  row = lm.bos + ids[-(cfg.max_seq_len - 4 - 1):]
+  for _ in range(4):
+    row.append(int(np.argmax(_reference_logprobs(cfg, params, row, 1)[0])))
+  assert out[0] == lm.sp.decode(row[-4:])
+  # Log-likelihood: BOS and the rightmost max_len - 8 - 1 tokens (continuations take 8 slots).
+  scores = lm.loglikelihood([(long, choices)])[0]
+  assert lm.counters.truncated_prompts == 2
+  kept = lm.bos + ids[-(cfg.max_seq_len - 8 - 1):]
+  conts = [lm.encode(long + c)[len(ids):] for c in choices]
+  ref = [_reference_logprobs(cfg, params, kept + c, len(c))[1] for c in conts]
+  np.testing.assert_allclose([s.logprob for s in scores], ref, atol=1e-4)
+  left = [_reference_logprobs(cfg, params, ids[:len(kept)] + c, len(c))[1] for c in conts]
+  assert np.abs(np.array(left) - ref).max() > 1e-2  # keeping the leftmost tokens would have scored otherwise
+  # The harness picks the argmax of the normalised scores.
+  for norm, values in (("none", ref), ("token", [r / len(c) for r, c in zip(ref, conts)]),
+                       ("char", [r / len(c) for r, c in zip(ref, choices)])):
+    assert harness.choose(scores, choices, norm) == int(np.argmax(values)), norm
