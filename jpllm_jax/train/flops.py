@@ -1,6 +1,8 @@
 """FLOP accounting: the one model-FLOP count used by logs and benchmarks, and the machine's matmul peak."""
 from __future__ import annotations
 
+import functools
+import statistics
 import time
 
 import jax
@@ -58,16 +60,33 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return 6.0 * matmul_params(cfg) + 6.0 * layers * cfg.n_heads * _score_dims(cfg) * seq_len
 
 
+@functools.lru_cache(maxsize=4)
+def _matmul_inputs(n: int, dtype) -> tuple[jax.Array, jax.Array]:
+  return (jax.random.normal(jax.random.key(0), (n, n), dtype), jax.random.normal(jax.random.key(1), (n, n), dtype))
+
+
+_matmul = jax.jit(lambda a, b: a @ b)
+
+
 def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:
-  """Sustained FLOP/s of a jitted square matmul on the default device (the MFU denominator when no peak
-  is configured). Measured in the same process as the step it is compared with: these machines are noisy."""
-  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-  mm = jax.jit(lambda a, b: a @ b)
-  mm(a, b).block_until_ready()
+  """Sustained FLOP/s of a jitted square matmul on the default device, the best of `repeats` runs (the MFU
+  denominator when no peak is configured). Measured in the same process as the step it is compared with: these
+  machines are noisy. Inputs and the compiled matmul are cached, so calls between training steps are cheap."""
+  a, b = _matmul_inputs(n, jnp.dtype(dtype))
+  _matmul(a, b).block_until_ready()
   best = float("inf")
   for _ in range(repeats):
     t0 = time.perf_counter()
-    mm(a, b).block_until_ready()
+    _matmul(a, b).block_until_ready()
     best = min(best, time.perf_counter() - t0)
   return 2.0 * n ** 3 / best
+
+
+def measure_matmul_peaks(samples: list[float] | None = None, n: int = 2048, dtype=jnp.float32,
+                         repeats: int = 3) -> float:
+  """Appends one `measure_matmul_peak` sample to `samples` and returns their median: call it between timed steps,
+  so that the peak and the steps see the same load (one peak measured before and after a run differed 1.5x
+  on a shared machine)."""
+  samples = [] if samples is None else samples
+  samples.append(measure_matmul_peak(n, dtype, repeats))
+  return float(statistics.median(samples))
