@@ -80,18 +80,19 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = None) -> tuple[ModelCo
 
 
 def save_pretrained(config: ModelConfig, params: dict[str, Any], path: str | os.PathLike, dtype: Any = None,
-                    max_shard_size: int | str = "5GB") -> None:
+                    max_shard_size: int | str = "5GB", token_ids: dict[str, int] | None = None) -> None:
   """Writes an HF checkpoint directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
   `dtype` is the stored dtype (None: `config.param_dtype`; the DeepSeek-V3 router is stored in float32, as
   transformers keeps it). Shards above `max_shard_size` (bytes, or a string like "5GB" / "500MiB") get an index
   json, as transformers writes them. Tied models have no `lm_head.weight`; DeepSeek-V3 multi-token-prediction
   modules (`params["mtp"]`) are written as layers `num_hidden_layers + k`, as DeepSeek publishes them. Raises
-  ValueError for options HF cannot represent (`scale_embedding`, ...).
+  ValueError for options HF cannot represent (`scale_embedding`, ...). `token_ids` (the tokenizer's
+  `bos_token_id`, `eos_token_id`, `pad_token_id`) go into config.json and a generation_config.json.
   """
   path = pathlib.Path(path)
   dtype = jnp.dtype(config.param_dtype if dtype is None else dtype)
-  hf_config = mapping.config_to_hf(config, dtype.name)
+  hf_config = {**mapping.config_to_hf(config, dtype.name), **(token_ids or {})}
   flat = _flatten(params)
   shapes = _param_shapes(config)
   for p, s in shapes.items():
@@ -121,6 +122,8 @@ def save_pretrained(config: ModelConfig, params: dict[str, Any], path: str | os.
     index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
     (path / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
   (path / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+  if token_ids:
+    (path / "generation_config.json").write_text(json.dumps(token_ids, indent=2, sort_keys=True) + "\n")
 
 
 def _stored_dtypes(files: list[pathlib.Path]) -> dict[str, str]:
