@@ -73,11 +73,11 @@ def test_hf_export_matches_sentencepiece(expanded, tmp_path):
   for text in texts:
     ids = sp.encode(text)
     assert hf.encode(text, add_special_tokens=False) == ids, text[:80]
-    assert hf.encode(text) == ids  # no BOS by default, as SentencePiece
+    assert hf.encode(text) == [sp.bos_id(), *ids, sp.eos_id()]  # one training document (data pipeline)
     assert hf.decode(ids) == text
-  export_hf(expanded, str(tmp_path / "hf_bos"), add_bos_token=True)
-  hf_bos = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf_bos"))
-  assert hf_bos.encode("東京タワー") == sp.encode("東京タワー", add_bos=True)
+  export_hf(expanded, str(tmp_path / "hf_bare"), add_bos_token=False, add_eos_token=False)
+  hf_bare = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf_bare"))
+  assert hf_bare.encode("東京タワー") == sp.encode("東京タワー")
 
 
 def test_report_sane(expanded, tmp_path):

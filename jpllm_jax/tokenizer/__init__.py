@@ -31,6 +31,12 @@ def load_tokenizer(path: str | None = None) -> spm.SentencePieceProcessor:
   return spm.SentencePieceProcessor(model_file=path)
 
 
+def special_token_ids(sp: spm.SentencePieceProcessor) -> dict[str, int]:
+  """`bos_token_id`, `eos_token_id` and `pad_token_id` (where the model defines them) for HF config files."""
+  ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
+  return {k: int(v) for k, v in ids.items() if v >= 0}
+
+
 def piece_texts(sp: spm.SentencePieceProcessor) -> list[str]:
   """The text each piece contributes when decoded inside a sequence ("▁" as a space; a byte piece as its
   character when it is ASCII, "" for bytes of multi-byte characters; control pieces "")."""

@@ -8,7 +8,7 @@ each appended piece contains a Japanese character, text without Japanese charact
 
 `export_hf` writes a Hugging Face `tokenizer.json` (built directly with the `tokenizers` library: a BPE model
 with byte fallback whose merges are ranked by the merged piece's SentencePiece score) that encodes to the same
-ids as SentencePiece. `report` measures tokens per character, UTF-8 bytes per token and the byte-fallback share.
+ids as SentencePiece, with BOS and EOS around each text as the training pipeline feeds a document. `report` measures tokens per character, UTF-8 bytes per token and the byte-fallback share.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterable, Sequence
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from jpllm_jax.data.jsonl import _paths, iter_texts
-from jpllm_jax.tokenizer.train import train_sentencepiece
+from jpllm_jax.data.jsonl import STAT_KEYS, _paths
+from jpllm_jax.tokenizer.train import corpus, corpus_texts, train_sentencepiece
 
 _NORMAL = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
 _BYTE = sentencepiece_model_pb2.ModelProto.SentencePiece.BYTE
@@ -104,21 +104,25 @@ def expand_vocabulary(base_model: str, jsonl_paths: str | os.PathLike | Sequence
   """Appends up to `add` learned Japanese pieces to `base_model`; writes and returns `output_dir/tokenizer.model`.
 
   `learn_vocab_size` is the size of the Japanese BPE model trained on the texts (default `add + 1000`, which
-  leaves room for the pieces the base already has). `holdout(text)` True excludes a document from learning.
+  leaves room for the pieces the base already has); a size the corpus cannot give raises ValueError naming
+  `--learn_vocab_size`. `holdout(text)` True excludes a document from learning. Skipped input lines are
+  logged with file:line and counted (`corpus(jsonl_paths).stats`).
   """
   paths = _paths(jsonl_paths)
   os.makedirs(output_dir, exist_ok=True)
+  size_name = "--learn_vocab_size" if learn_vocab_size else "--learn_vocab_size, default --add + 1000"
   learn_vocab_size = learn_vocab_size or add + 1000
   with tempfile.TemporaryDirectory() as tmp:
     if holdout is not None:
       learn_path = os.path.join(tmp, "learn.jsonl")
       with open(learn_path, "w", encoding="utf-8") as f:
-        for text in iter_texts(paths):
+        for text in corpus_texts(paths):
           if not holdout(text):
             f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
       paths = [learn_path]
     learned_path = train_sentencepiece(paths, os.path.join(tmp, "learned"), learn_vocab_size, model_type="bpe",
-                                       max_sentences=max_sentences, character_coverage=character_coverage)
+                                       max_sentences=max_sentences, character_coverage=character_coverage,
+                                       size_name=size_name)
     learned = _load_proto(learned_path)
   base = _load_proto(base_model)
   if base.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
@@ -184,13 +188,14 @@ def build_hf_tokenizer(model_path: str):
   return tk
 
 
-def export_hf(model_path: str, output_dir: str, *, add_bos_token: bool = False) -> str:
+def export_hf(model_path: str, output_dir: str, *, add_bos_token: bool = True, add_eos_token: bool = True) -> str:
   """Writes `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json`; returns `output_dir`.
 
-  With `add_bos_token=False` (default) `encode(text)` gives exactly `SentencePieceProcessor.encode(text)`:
-  no BOS/EOS, the same as SentencePiece's default. With True, `<s>` is prepended (Llama / Mistral convention),
-  equal to `sp.encode(text, add_bos=True)`. Caveat: the HF tokenizer matches the control pieces (`<s>`, `</s>`,
-  `<unk>`) as special tokens when they occur literally in text, which SentencePiece does not do; pass
+  The defaults encode what training feeds the model: `encode(text)` is `[bos] + sp.encode(text) + [eos]`, one
+  document of the data pipeline (`jpllm_jax.data.pipeline`), and `encode(text, add_special_tokens=False)` is
+  `sp.encode(text)`. `add_bos_token` / `add_eos_token` False drop either (the post-processor in tokenizer.json
+  and the flags in tokenizer_config.json agree). Caveat: the HF tokenizer matches the control pieces (`<s>`,
+  `</s>`, `<unk>`) as special tokens when they occur literally in text, which SentencePiece does not do; pass
   `split_special_tokens=True` to the HF tokenizer to encode them as text.
   """
   import transformers
@@ -198,19 +203,37 @@ def export_hf(model_path: str, output_dir: str, *, add_bos_token: bool = False) 
 
   proto = _load_proto(model_path)
   tk = build_hf_tokenizer(model_path)
-  bos_id = proto.trainer_spec.bos_id
-  bos = proto.pieces[bos_id].piece if bos_id >= 0 else None
-  eos = proto.pieces[proto.trainer_spec.eos_id].piece if proto.trainer_spec.eos_id >= 0 else None
-  if add_bos_token:
-    if bos is None:
-      raise ValueError("the model has no BOS piece")
-    tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                      special_tokens=[(bos, bos_id)])
-  hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=eos,
-                                            unk_token=proto.pieces[proto.trainer_spec.unk_id].piece,
+  spec = proto.trainer_spec
+
+  def piece(i: int, name: str, needed: bool) -> str | None:
+    if needed and i < 0:
+      raise ValueError(f"{model_path} has no {name} piece")
+    return proto.pieces[i].piece if i >= 0 else None
+
+  bos, eos = piece(spec.bos_id, "BOS", add_bos_token), piece(spec.eos_id, "EOS", add_eos_token)
+  pad = piece(spec.pad_id, "PAD", False)
+  single = " ".join([bos] * add_bos_token + ["$A"] + [eos] * add_eos_token)
+  pair = single + " " + single.replace("$A", "$B")
+  special = [(bos, spec.bos_id)] * add_bos_token + [(eos, spec.eos_id)] * add_eos_token
+  tk.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+  hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=eos, pad_token=pad,
+                                            unk_token=piece(spec.unk_id, "UNK", True),
+                                            add_bos_token=add_bos_token, add_eos_token=add_eos_token,
                                             clean_up_tokenization_spaces=False)
   os.makedirs(output_dir, exist_ok=True)
   hf.save_pretrained(output_dir)
+  # Stated explicitly for every reader: transformers 4 names the class PreTrainedTokenizerFast (5 saves its new
+  # name, TokenizersBackend) and reads add_bos_token / add_eos_token and special_tokens_map.json.
+  config_path = os.path.join(output_dir, "tokenizer_config.json")
+  with open(config_path, encoding="utf-8") as f:
+    config = json.load(f)
+  config.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=add_bos_token, add_eos_token=add_eos_token)
+  specials = {"bos_token": bos, "eos_token": eos, "unk_token": hf.unk_token, "pad_token": pad}
+  for name, data in (("tokenizer_config.json", config),
+                     ("special_tokens_map.json", {k: v for k, v in specials.items() if v is not None})):
+    with open(os.path.join(output_dir, name), "w", encoding="utf-8") as f:
+      json.dump(data, f, indent=2, ensure_ascii=False, sort_keys=True)
+      f.write("\n")
   return output_dir
 
 
@@ -221,7 +244,8 @@ def report(model_path: str, jsonl_paths: str | os.PathLike | Sequence[str | os.P
 
   Measures the `text` fields of `jsonl_paths` (and/or the given `texts`) under key "ja", and of
   `english_paths` under key "en" when given. Each part: {"docs", "chars", "tokens", "tokens_per_char",
-  "bytes_per_token", "byte_fallback_share"}.
+  "bytes_per_token", "byte_fallback_share"}, and for files "lines" plus the skipped-line counts
+  ("skipped_malformed", "skipped_empty", "skipped_non_utf8"; each skipped line is logged as file:line).
   """
   sp = spm.SentencePieceProcessor(model_file=model_path)
   is_byte = [sp.IsByte(i) for i in range(sp.GetPieceSize())]
@@ -238,14 +262,20 @@ def report(model_path: str, jsonl_paths: str | os.PathLike | Sequence[str | os.P
     return {"docs": docs, "chars": chars, "tokens": tokens, "tokens_per_char": tokens / max(chars, 1),
             "bytes_per_token": nbytes / max(tokens, 1), "byte_fallback_share": byte_tokens / max(tokens, 1)}
 
+  def line_counts(paths) -> dict:
+    stats = corpus(_paths(paths)).stats
+    return {k: stats[k] for k in STAT_KEYS if k != "read"}
+
   out = {"tokenizer": model_path, "vocab_size": sp.GetPieceSize()}
   ja: list[Iterable[str]] = []
   if jsonl_paths is not None:
-    ja.append(iter_texts(_paths(jsonl_paths)))
+    ja.append(corpus_texts(_paths(jsonl_paths)))
   if texts is not None:
     ja.append(texts)
   if ja:
     out["ja"] = measure(t for it in ja for t in it)
+    if jsonl_paths is not None:
+      out["ja"].update(line_counts(jsonl_paths))
   if english_paths is not None:
-    out["en"] = measure(iter_texts(_paths(english_paths)))
+    out["en"] = {**measure(corpus_texts(_paths(english_paths))), **line_counts(english_paths)}
   return out
