@@ -8,7 +8,8 @@ each appended piece contains a Japanese character, text without Japanese charact
 
 `export_hf` writes a Hugging Face `tokenizer.json` (built directly with the `tokenizers` library: a BPE model
 with byte fallback whose merges are ranked by the merged piece's SentencePiece score) that encodes to the same
-ids as SentencePiece, with BOS and EOS around each text as the training pipeline feeds a document. `report` measures tokens per character, UTF-8 bytes per token and the byte-fallback share.
+ids as SentencePiece, with BOS and EOS around each text as the training pipeline feeds a document. `report`
+measures tokens per character, UTF-8 bytes per token and the byte-fallback share.
 """
 from __future__ import annotations
 
