@@ -35,7 +35,7 @@ def main(argv: list[str]) -> None:
   if to_orbax:
     config, params = hf.load_pretrained(_HF_DIR.value, dtype=_DTYPE.value)
     checkpoint.save_params(_OUT.value, config, params, step=_STEP.value or 0)
-    logging.info("wrote %s (%s) to %s", config.family, config.param_dtype, _OUT.value)
+    logging.info("wrote %s (%s) to %s", config.family, config.numerics.param_dtype, _OUT.value)
   else:
     config, params = checkpoint.load_params(_CKPT_DIR.value, step=_STEP.value)
     hf.save_pretrained(config, params, _HF_OUT.value, dtype=_DTYPE.value, max_shard_size=_MAX_SHARD_SIZE.value)

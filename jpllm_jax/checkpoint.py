@@ -45,7 +45,7 @@ def load_config(directory: str | os.PathLike) -> ModelConfig:
 def load_params(directory: str | os.PathLike, step: int | None = None) -> tuple[ModelConfig, Any]:
   """(config, params) saved by `save_params`; `step` None is the latest.
 
-  Arrays come back as host numpy arrays in `config.param_dtype` (as `hf.load_pretrained` returns them), so
+  Arrays come back as host numpy arrays in `config.numerics.param_dtype` (as `hf.load_pretrained` returns them), so
   a model larger than one accelerator still converts; `jax.device_put` them with the shardings you need.
   """
   directory = pathlib.Path(directory).absolute()

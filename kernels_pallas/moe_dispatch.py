@@ -24,8 +24,13 @@ from jax.experimental import pallas as pl
 
 from kernels_pallas import vma
 
+# Triton launch settings: the largest tile edge (64 keeps a block's operands within a GPU's shared memory at
+# bf16/f32), and the warps and software-pipeline stages of each program.
+MAX_TILE = 64
+TRITON_PARAMS = dict(num_warps=4, num_stages=3)
 
-def _tile(dim: int, cap: int = 64) -> int:
+
+def _tile(dim: int, cap: int = MAX_TILE) -> int:
   """The largest power of two <= cap that divides dim (a Triton tile size)."""
   t = cap
   while dim % t:
@@ -46,7 +51,7 @@ def _compiler_params(interpret: bool):
     raise NotImplementedError(f"the Pallas GMM kernel lowers for GPU (Triton) only, not {backend!r}; "
                               "use interpret=True or jax.lax.ragged_dot")
   from jax.experimental.pallas import triton as pltriton  # pylint: disable=import-outside-toplevel
-  return pltriton.CompilerParams(num_warps=4, num_stages=3)
+  return pltriton.CompilerParams(**TRITON_PARAMS)
 
 
 def _dot(a, b, contract_a: int, contract_b: int):

@@ -114,11 +114,11 @@ def test_mtp_modules_load_only_where_stored(tmp_path):
   assert model.config.num_nextn_predict_layers == 1
   model.save_pretrained(tmp_path)
   cfg, params = hf.load_pretrained(tmp_path)
-  assert cfg.mtp_depth == 0 and cfg.n_layers == 3 and "mtp" not in params
+  assert cfg.mtp.depth == 0 and cfg.n_layers == 3 and "mtp" not in params
   tensors = safetensors.numpy.load_file(tmp_path / "model.safetensors")
   tensors["model.layers.4.eh_proj.weight"] = np.zeros((64, 128), np.float32)  # module 2: not declared
   safetensors.numpy.save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-  assert hf.load_pretrained(tmp_path)[0].mtp_depth == 0
+  assert hf.load_pretrained(tmp_path)[0].mtp.depth == 0
   tensors["model.layers.3.eh_proj.weight"] = np.zeros((64, 128), np.float32)  # module 1, incomplete
   safetensors.numpy.save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
   with pytest.raises(ValueError, match=r"missing tensor 'model\.layers\.3\."):

@@ -24,6 +24,6 @@ def test_logits_match_transformers(variant, tmp_path, record_property):
   record_property("max_abs_logit_diff", diff)
   print(f"\n[hf parity] {variant}: max |logit diff| = {diff:.3g} (logits up to {np.abs(ref).max():.3g})")
   assert diff <= TOLERANCE, f"{variant}: max abs logit diff {diff:.3g} > {TOLERANCE}"
-  if cfg.sliding_window is not None:  # The window must matter at this length, or the test proves nothing.
+  if cfg.attention.sliding_window is not None:  # The window must matter at this length, or the test proves nothing.
     no_window = our_logits(cfg.replace(sliding_window=None), params, tokens, mask)
     assert max_diff(no_window, ref, mask) > 1e-2

@@ -26,8 +26,8 @@ def test_roundtrip_is_bit_exact(variant, dtype, shard, tmp_path):
   save_hf_model(variant, tmp_path / "hf", dtype, **({"max_shard_size": shard} if shard else {}))
   assert (tmp_path / "hf" / "model.safetensors.index.json").exists() == bool(shard)
   cfg, params = hf.load_pretrained(tmp_path / "hf")
-  assert cfg.param_dtype == str(dtype)[6:]
-  assert all(x.dtype == np.dtype(cfg.param_dtype) for x in jax.tree.leaves(params))
+  assert cfg.numerics.param_dtype == str(dtype)[6:]
+  assert all(x.dtype == np.dtype(cfg.numerics.param_dtype) for x in jax.tree.leaves(params))
   hf.save_pretrained(cfg, params, tmp_path / "ours", max_shard_size=shard or "5GB")
   assert (tmp_path / "ours" / "model.safetensors.index.json").exists() == bool(shard)
   want, got = safetensors_contents(tmp_path / "hf"), safetensors_contents(tmp_path / "ours")
@@ -95,7 +95,7 @@ def test_unsupported_configs_raise(config, match):
 def test_qwen2_window_in_all_layers_is_supported():
   config = _llama_dict(architectures=["Qwen2ForCausalLM"], use_sliding_window=True, sliding_window=4,
                        max_window_layers=0, layer_types=None)
-  assert hf.config_from_hf(config).sliding_window == 4
+  assert hf.config_from_hf(config).attention.sliding_window == 4
 
 
 def test_unsupported_architecture_checkpoint(tmp_path):
@@ -155,5 +155,5 @@ def test_load_holds_one_copy_of_the_weights(tmp_path):
 def test_load_casts_to_the_requested_dtype(tmp_path):
   save_hf_model("qwen2", tmp_path)
   cfg, params = hf.load_pretrained(tmp_path, dtype="bfloat16")
-  assert cfg.param_dtype == "bfloat16"
+  assert cfg.numerics.param_dtype == "bfloat16"
   assert {x.dtype.name for x in jax.tree.leaves(params)} == {"bfloat16"}

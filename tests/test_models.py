@@ -64,9 +64,9 @@ def _reference_forward(cfg: ModelConfig, params, tokens):
     x = x + params["pos_embed"]["embedding"][pos]
   i, j = np.arange(t)[:, None], np.arange(t)[None, :]
   allowed = j <= i
-  if cfg.sliding_window:
-    allowed &= (i - j) < cfg.sliding_window
-  rep = cfg.n_heads // cfg.num_heads_kv
+  if cfg.attention.sliding_window:
+    allowed &= (i - j) < cfg.attention.sliding_window
+  rep = cfg.attention.n_heads // cfg.attention.num_heads_kv
   inv = layers.rope_inv_freq(cfg) if cfg.rope_theta else None
   for li in range(cfg.n_layers):
     p = jax.tree.map(lambda a: a[li], params["layers"])

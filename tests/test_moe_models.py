@@ -54,7 +54,7 @@ def test_softmax_router_is_renormalised_top_k():
   cfg = MOE_CONFIGS["mixtral"]
   rng = np.random.default_rng(0)
   x = rng.normal(size=(10, cfg.d_model)).astype(np.float32)
-  w = rng.normal(size=(cfg.d_model, cfg.n_experts)).astype(np.float32)
+  w = rng.normal(size=(cfg.d_model, cfg.moe.n_experts)).astype(np.float32)
   ids, gates, _, probs = moe.route(cfg, {"kernel": jnp.asarray(w)}, jnp.asarray(x))
   p = np.exp(x @ w - (x @ w).max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
@@ -68,7 +68,7 @@ def test_softmax_router_is_renormalised_top_k():
 def test_sigmoid_router_limits_groups_and_uses_unbiased_gates():
   cfg = MOE_CONFIGS["deepseek_v3"]
   rng = np.random.default_rng(1)
-  n, e, g = 50, cfg.n_experts, cfg.n_group
+  n, e, g = 50, cfg.moe.n_experts, cfg.moe.n_group
   x = rng.normal(size=(n, cfg.d_model)).astype(np.float32)
   p = {"kernel": jnp.asarray(rng.normal(size=(cfg.d_model, e)), jnp.float32),
        "bias": jnp.asarray(rng.normal(size=e) * 0.3, jnp.float32)}
@@ -76,22 +76,22 @@ def test_sigmoid_router_limits_groups_and_uses_unbiased_gates():
   s = 1 / (1 + np.exp(-(x @ np.asarray(p["kernel"]))))
   choice = s + np.asarray(p["bias"])
   group_score = np.sort(choice.reshape(n, g, -1), axis=-1)[..., -2:].sum(-1)
-  groups = np.argsort(-group_score, axis=-1)[:, :cfg.topk_group]
+  groups = np.argsort(-group_score, axis=-1)[:, :cfg.moe.topk_group]
   allowed = np.zeros((n, e), bool)
   for row, gs in enumerate(groups):
     for gi in gs:
       allowed[row, gi * (e // g):(gi + 1) * (e // g)] = True
-  want = np.argsort(-np.where(allowed, choice, -np.inf), axis=-1)[:, :cfg.n_experts_per_tok]
+  want = np.argsort(-np.where(allowed, choice, -np.inf), axis=-1)[:, :cfg.moe.n_experts_per_tok]
   np.testing.assert_array_equal(np.sort(ids, -1), np.sort(want, -1))
   top = np.take_along_axis(s, ids, -1)  # the unbiased affinities of the selected experts.
-  np.testing.assert_allclose(gates, top / top.sum(-1, keepdims=True) * cfg.routed_scaling_factor, rtol=1e-5)
+  np.testing.assert_allclose(gates, top / top.sum(-1, keepdims=True) * cfg.moe.routed_scaling_factor, rtol=1e-5)
   np.testing.assert_allclose(scores, s, rtol=1e-5)
 
 
 def test_routed_experts_equal_a_per_token_loop():
   cfg = MOE_CONFIGS["deepseek_v3"]
   rng = np.random.default_rng(2)
-  n, d, e, f, k = 6, cfg.d_model, cfg.n_experts, cfg.expert_d_ff, cfg.n_experts_per_tok
+  n, d, e, f, k = 6, cfg.d_model, cfg.moe.n_experts, cfg.expert_d_ff, cfg.moe.n_experts_per_tok
   x = rng.normal(size=(n, d)).astype(np.float32)
   ids = np.stack([rng.choice(e, k, replace=False) for _ in range(n)])
   gates = rng.random((n, k)).astype(np.float32)
@@ -119,10 +119,10 @@ def test_aux_outputs_and_padding(moe_config):
   np.testing.assert_array_equal(logits, fwd(cfg, params, toks, segment_ids=seg))
   assert set(aux) == {"moe_aux_loss", "router_z_loss", "expert_load", "moe_dropped"}
   assert int(aux["moe_dropped"]) == 0  # dropless by default
-  assert aux["expert_load"].shape == (cfg.n_moe_layers, cfg.n_experts)
+  assert aux["expert_load"].shape == (cfg.n_moe_layers, cfg.moe.n_experts)
   np.testing.assert_allclose(aux["expert_load"].sum(-1), 1.0, rtol=1e-5)
   assert float(aux["moe_aux_loss"]) > 0
-  assert (float(aux["router_z_loss"]) > 0) == (cfg.router_z_loss_coef > 0)
+  assert (float(aux["router_z_loss"]) > 0) == (cfg.moe.router_z_loss_coef > 0)
   # Padding is not counted: other pad tokens give the same statistics.
   _, aux2 = fwd(cfg, params, toks.at[1, 8:].set(0), segment_ids=seg, return_aux=True)
   for key in aux:
@@ -132,7 +132,7 @@ def test_aux_outputs_and_padding(moe_config):
 def test_switch_balance_loss_matches_numpy():
   cfg = MOE_CONFIGS["mixtral"]
   rng = np.random.default_rng(3)
-  b, t, e, k = 2, 5, cfg.n_experts, cfg.n_experts_per_tok
+  b, t, e, k = 2, 5, cfg.moe.n_experts, cfg.moe.n_experts_per_tok
   logits = rng.normal(size=(b, t, e)).astype(np.float32)
   probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
   ids = np.argsort(-probs, -1)[..., :k]
@@ -153,9 +153,9 @@ def test_switch_balance_loss_matches_numpy():
 def test_balance_losses_are_one_when_balanced():
   """f_i = 1/E and uniform probabilities: both the Switch and the sequence-wise loss equal 1."""
   for cfg in MOE_CONFIGS.values():
-    e, k = cfg.n_experts, cfg.n_experts_per_tok
+    e, k = cfg.moe.n_experts, cfg.moe.n_experts_per_tok
     ids = (np.arange(e).reshape(-1, k))[None]  # [1, E / k, k]: every expert once.
-    probs = np.full((1, e // k, e), 1.0 / e if cfg.router == "softmax" else 0.5, np.float32)
+    probs = np.full((1, e // k, e), 1.0 / e if cfg.moe.router == "softmax" else 0.5, np.float32)
     stats = moe._stats(cfg, jnp.asarray(ids), jnp.zeros((1, e // k, e)), jnp.asarray(probs),
                        jnp.ones((1, e // k)))
     np.testing.assert_allclose(float(stats["balance_loss"]), 1.0, rtol=1e-5)
@@ -178,11 +178,11 @@ def test_gradients(moe_config):
 
   g = jax.jit(jax.grad(loss))(params)
   nonzero = [("layers_moe", "router", "kernel"), ("layers_moe", "experts", "up"), ("embed", "embedding")]
-  if cfg.mtp_depth:
+  if cfg.mtp.depth:
     nonzero += [("mtp", "proj", "kernel"), ("mtp", "block", "attn", "kv_b", "kernel"), ("lm_head", "kernel")]
   for path in nonzero:
     assert float(jnp.abs(_get(g, path)).max()) > 0, path
-  if cfg.router == "sigmoid":
+  if cfg.moe.router == "sigmoid":
     assert float(jnp.abs(g["layers_moe"]["router"]["bias"]).max()) == 0
 
 
@@ -250,7 +250,8 @@ def test_mla_cache_holds_only_the_latent_and_the_rope_key():
   cfg = MOE_CONFIGS["deepseek_v3"]
   cache = models.init_cache(cfg, 3, 20)
   assert {k: v.shape for k, v in cache.items()} == {
-      "kv_latent": (cfg.n_layers, 3, 20, cfg.kv_lora_rank), "k_rope": (cfg.n_layers, 3, 20, cfg.qk_rope_head_dim),
+      "kv_latent": (cfg.n_layers, 3, 20, cfg.attention.kv_lora_rank),
+      "k_rope": (cfg.n_layers, 3, 20, cfg.attention.qk_rope_head_dim),
       "segment_ids": (3, 20)}
 
 
@@ -315,7 +316,7 @@ def test_expert_weights_have_the_expert_axis(moe_config):
     assert models.param_axes(moe_config)["layers_moe"]["experts"][name][:2] == ("layers", "expert")
   # The DeepSeek-V3 router stays float32 (like transformers'), so that small bias updates are not lost.
   bf16 = jax.eval_shape(lambda key: models.init(moe_config.replace(param_dtype="bfloat16"), key), jax.random.key(0))
-  router_dtype = "float32" if moe_config.router == "sigmoid" else "bfloat16"
+  router_dtype = "float32" if moe_config.moe.router == "sigmoid" else "bfloat16"
   assert {x.dtype.name for x in jax.tree.leaves(bf16["layers_moe"]["router"])} == {router_dtype}
   assert bf16["layers_moe"]["experts"]["up"].dtype.name == "bfloat16"
 

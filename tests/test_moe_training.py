@@ -41,7 +41,7 @@ def test_bias_updates_move_a_skewed_router_toward_uniform_load():
   cfg = TINY.replace(n_group=1, topk_group=1)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2048, cfg.d_model)), jnp.float32)
-  kernel = rng.normal(size=(cfg.d_model, cfg.n_experts)) * 0.1
+  kernel = rng.normal(size=(cfg.d_model, cfg.moe.n_experts)) * 0.1
   kernel[:, :3] += 0.5 * np.abs(rng.normal(size=(cfg.d_model, 1)))  # three experts favoured by most tokens
   kernel = jnp.asarray(kernel, jnp.float32)
   x = x + 0.5  # a shared direction: the favoured experts win for most tokens
@@ -49,10 +49,10 @@ def test_bias_updates_move_a_skewed_router_toward_uniform_load():
   @jax.jit
   def load_and_gates(bias):
     ids, gates, _, _ = moe.route(cfg, {"kernel": kernel, "bias": bias}, x)
-    load = jnp.bincount(ids.reshape(-1), length=cfg.n_experts) / ids.size
+    load = jnp.bincount(ids.reshape(-1), length=cfg.moe.n_experts) / ids.size
     return load, gates
 
-  bias = jnp.zeros(cfg.n_experts, jnp.float32)
+  bias = jnp.zeros(cfg.moe.n_experts, jnp.float32)
   load0, gates0 = load_and_gates(bias)
   recent = []
   for i in range(600):
@@ -61,13 +61,13 @@ def test_bias_updates_move_a_skewed_router_toward_uniform_load():
     if i >= 500:
       recent.append(np.asarray(load))
   load1, gates1 = load_and_gates(bias)
-  imbalance = lambda load: float(jnp.max(load) * cfg.n_experts)  # 1 = uniform
+  imbalance = lambda load: float(jnp.max(load) * cfg.moe.n_experts)  # 1 = uniform
   assert imbalance(load0) > 3.0 and imbalance(load1) < 1.5, (imbalance(load0), imbalance(load1))
   # Fixed +-gamma steps oscillate around balance; averaged over the last 100 updates every expert is near 1/E.
-  mean_load = np.mean(recent, axis=0) * cfg.n_experts
+  mean_load = np.mean(recent, axis=0) * cfg.moe.n_experts
   assert mean_load.max() < 1.25 and mean_load.min() > 0.75, mean_load
   # The bias only selects: the gates stay normalised unbiased affinities times the scaling factor.
-  np.testing.assert_allclose(np.asarray(gates1.sum(-1)), cfg.routed_scaling_factor, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(gates1.sum(-1)), cfg.moe.routed_scaling_factor, rtol=1e-5)
 
 
 def test_train_step_moves_router_bias_by_the_rule_not_the_optimizer():
@@ -83,7 +83,7 @@ def test_train_step_moves_router_bias_by_the_rule_not_the_optimizer():
   state, metrics = step(state, batch)  # lr > 0 from step 2
   load = np.asarray(metrics["expert_load"])  # rows: the MoE layer, then the MTP block
   assert cfg.n_routed_layers == cfg.n_moe_layers + 1 == 2
-  assert load.shape == (cfg.n_routed_layers, cfg.n_experts) and np.allclose(load.sum(-1), 1.0)
+  assert load.shape == (cfg.n_routed_layers, cfg.moe.n_experts) and np.allclose(load.sum(-1), 1.0)
   for name, stack in (("MoE layers", lambda p: p["layers_moe"]), ("MTP block", lambda p: p["mtp"]["block"])):
     # Two rule steps of +-gamma (sign(mean - load), 0 where equal): every entry moved by a whole number of gammas.
     moved = (np.asarray(stack(state["params"])["router"]["bias"]) - stack(before)["router"]["bias"]) / 0.01

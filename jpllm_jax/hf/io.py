@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
+from flax import traverse_util
 from safetensors import safe_open
 
 from jpllm_jax.hf import mapping
@@ -35,9 +36,9 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = None) -> tuple[ModelCo
   """(config, params) of a local HF checkpoint directory (config.json + safetensors, sharded or not).
 
   Supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel, MixtralForCausalLM and
-  DeepseekV3ForCausalLM, with the multi-token-prediction modules the checkpoint stores (`config.mtp_depth`:
+  DeepseekV3ForCausalLM, with the multi-token-prediction modules the checkpoint stores (`config.mtp.depth`:
   those of the `num_nextn_predict_layers` present as layers `num_hidden_layers + k`; transformers saves none).
-  `dtype` is the dtype of the returned numpy arrays and of `config.param_dtype` (the DeepSeek-V3 router stays
+  `dtype` is the dtype of the returned numpy arrays and of `config.numerics.param_dtype` (the DeepSeek-V3 router stays
   float32); None keeps the checkpoint's.
   Raises ValueError naming the tensor for a missing, unexpected or wrongly shaped tensor.
   """
@@ -47,7 +48,7 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = None) -> tuple[ModelCo
   stored_dtypes = _stored_dtypes(files)
   dtype = jnp.dtype(dtype) if dtype is not None else _checkpoint_dtype(stored_dtypes, hf_config)
   cfg = mapping.config_from_hf(hf_config).replace(param_dtype=dtype.name)
-  if cfg.mtp_depth:
+  if cfg.mtp.depth:
     cfg = cfg.replace(mtp_depth=_stored_mtp_depth(cfg, stored_dtypes))
   shapes, fixed = _param_shapes(cfg), _fixed_dtypes(cfg)
   expected = mapping.tensor_table(cfg, shapes)
@@ -76,14 +77,14 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = None) -> tuple[ModelCo
   missing = [n for n, t in expected.items() if n not in seen and not t.copy]
   if missing:
     raise ValueError(f"missing tensor {missing[0]!r} ({len(missing)} missing in all) in {path}")
-  return cfg, _unflatten(flat)
+  return cfg, traverse_util.unflatten_dict(flat, sep=".")
 
 
 def save_pretrained(config: ModelConfig, params: dict[str, Any], path: str | os.PathLike, dtype: Any = None,
                     max_shard_size: int | str = "5GB", token_ids: dict[str, int] | None = None) -> None:
   """Writes an HF checkpoint directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
-  `dtype` is the stored dtype (None: `config.param_dtype`; the DeepSeek-V3 router is stored in float32, as
+  `dtype` is the stored dtype (None: `config.numerics.param_dtype`; the DeepSeek-V3 router is stored in float32, as
   transformers keeps it). Shards above `max_shard_size` (bytes, or a string like "5GB" / "500MiB") get an index
   json, as transformers writes them. Tied models have no `lm_head.weight`; DeepSeek-V3 multi-token-prediction
   modules (`params["mtp"]`) are written as layers `num_hidden_layers + k`, as DeepSeek publishes them. Raises
@@ -91,9 +92,9 @@ def save_pretrained(config: ModelConfig, params: dict[str, Any], path: str | os.
   `bos_token_id`, `eos_token_id`, `pad_token_id`) go into config.json and a generation_config.json.
   """
   path = pathlib.Path(path)
-  dtype = jnp.dtype(config.param_dtype if dtype is None else dtype)
+  dtype = jnp.dtype(config.numerics.param_dtype if dtype is None else dtype)
   hf_config = {**mapping.config_to_hf(config, dtype.name), **(token_ids or {})}
-  flat = _flatten(params)
+  flat = traverse_util.flatten_dict(params, sep=".")
   shapes = _param_shapes(config)
   for p, s in shapes.items():
     if p not in flat or tuple(flat[p].shape) != s:
@@ -140,19 +141,19 @@ def _stored_mtp_depth(cfg: ModelConfig, stored: dict[str, str]) -> int:
   holds: checkpoints saved by transformers declare them but store none."""
   layers = {mapping.layer_index(name) for name in stored}
   depth = 0
-  while depth < cfg.mtp_depth and cfg.n_layers + depth in layers:
+  while depth < cfg.mtp.depth and cfg.n_layers + depth in layers:
     depth += 1
   return depth
 
 
 def _param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  return _flatten(jax.tree.map(lambda s: s.shape, param_shapes(cfg)))
+  return traverse_util.flatten_dict(jax.tree.map(lambda s: s.shape, param_shapes(cfg)), sep=".")
 
 
 def _fixed_dtypes(cfg: ModelConfig) -> dict[str, str]:
   """Parameters whose dtype the model fixes whatever `param_dtype` (the sigmoid router: float32)."""
   dtypes = jax.tree.map(lambda s: s.dtype or "", param_specs(cfg), is_leaf=lambda x: isinstance(x, ParamSpec))
-  return {p: d for p, d in _flatten(dtypes).items() if d}
+  return {p: d for p, d in traverse_util.flatten_dict(dtypes, sep=".").items() if d}
 
 
 def _safetensors_files(path: pathlib.Path) -> list[pathlib.Path]:
@@ -194,25 +195,3 @@ def _parse_size(size: int | str) -> int:
   if not m:
     raise ValueError(f"max_shard_size={size!r}: use bytes or e.g. '5GB', '500MiB'")
   return int(float(m.group(1)) * _UNITS[m.group(2)])
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  """{"a": {"b": x}} -> {"a.b": x}."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
-
-
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, v in flat.items():
-    *parents, leaf = path.split(".")
-    node = tree
-    for k in parents:
-      node = node.setdefault(k, {})
-    node[leaf] = v
-  return tree

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from jpllm_jax.models.config import ModelConfig, rope_scaling_tuple
+from jpllm_jax.models.config import ModelConfig, make, rope_scaling_tuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,11 +238,11 @@ def tensor_table(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[s
       if not all(p in shapes for p in paths):
         continue
       for i in range(shapes[paths[0]][0]):
-        for e in range(cfg.n_experts) if "{e}" in row.hf else [None]:
+        for e in range(cfg.moe.n_experts) if "{e}" in row.hf else [None]:
           index = (i,) if e is None else (i, e)
           names[row.hf.format(i=first + i, e=e)] = Tensor(row, paths, index,
                                                           tuple(shapes[p][len(index):] for p in paths))
-  for k in range(cfg.mtp_depth):  # (after the blocks' rows: a module's tensors in the order of the others)
+  for k in range(cfg.mtp.depth):  # (after the blocks' rows: a module's tensors in the order of the others)
     for row in arch.mtp_table:
       if all(p in shapes for p in row.ours):
         copy = not row.ours[0].startswith("mtp.")
@@ -270,7 +270,7 @@ def checkpoint_name(cfg: ModelConfig, name: str, expected: dict[str, Tensor]) ->
   if name not in expected and (IGNORED_TENSORS.search(name) or (cfg.tie_embeddings and name == "lm_head.weight")):
     return None
   layer = layer_index(name)
-  if cfg.family == "deepseek_v3" and layer is not None and layer >= cfg.n_layers + cfg.mtp_depth:
+  if cfg.family == "deepseek_v3" and layer is not None and layer >= cfg.n_layers + cfg.mtp.depth:
     return None
   return name
 
@@ -296,8 +296,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
       fields = _deepseek_v3_from_hf(hf)
     else:
       fields = _llama_from_hf(family, hf)
-    return ModelConfig(family=family, vocab_size=hf["vocab_size"], init_std=hf.get("initializer_range", 0.02),
-                       **fields)
+    return make(family=family, vocab_size=hf["vocab_size"], init_std=hf.get("initializer_range", 0.02), **fields)
   except KeyError as e:
     raise ValueError(f"{archs[0]} config.json has no {e.args[0]!r}") from None
 
@@ -310,7 +309,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
   hf = {"architectures": [arch.name], "model_type": arch.model_type, "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
         "dtype": dtype, "torch_dtype": dtype}  # transformers >= 5 reads `dtype`, older versions `torch_dtype`.
-  _check(cfg.family in MOE_FAMILIES or (cfg.n_experts == 0 and cfg.attention == "gqa" and cfg.mtp_depth == 0),
+  _check(cfg.family in MOE_FAMILIES or (cfg.moe.n_experts == 0 and cfg.attention.kind == "gqa" and cfg.mtp.depth == 0),
          f"{cfg.family} on Hugging Face has no experts, latent attention or multi-token prediction")
   if cfg.family == "gpt":
     hf.update(_gpt2_to_hf(cfg))
@@ -344,36 +343,37 @@ def _llama_from_hf(family: str, hf: dict[str, Any]) -> dict[str, Any]:
 
 
 def _llama_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+  a = cfg.attention
   _check(cfg.norm == "rms" and cfg.mlp == "swiglu" and cfg.activation == "silu",
          f"{cfg.family} on Hugging Face needs norm=rms, mlp=swiglu, activation=silu")
   _check(cfg.rope_theta is not None and not cfg.learned_positions,
          f"{cfg.family} on Hugging Face needs rotary positions and no learned position table")
-  biases = (cfg.qkv_bias, cfg.out_bias, cfg.mlp_bias)
-  ok = {"llama": cfg.qkv_bias == cfg.out_bias,  # `attention_bias` covers q, k, v and o.
+  biases = (a.qkv_bias, a.out_bias, cfg.mlp_bias)
+  ok = {"llama": a.qkv_bias == a.out_bias,  # `attention_bias` covers q, k, v and o.
         "mistral": biases == (False, False, False), "mixtral": biases == (False, False, False),
         "qwen2": biases == (True, False, False)}[cfg.family]
   _check(ok, f"{cfg.family} on Hugging Face cannot have (qkv_bias, out_bias, mlp_bias)={biases}")
-  _check(cfg.family != "llama" or cfg.sliding_window is None, "llama on Hugging Face has no sliding window")
+  _check(cfg.family != "llama" or a.sliding_window is None, "llama on Hugging Face has no sliding window")
   hf = {"hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.num_heads_kv, "head_dim": cfg.dim_per_head,
+        "num_attention_heads": a.n_heads, "num_key_value_heads": a.num_heads_kv, "head_dim": cfg.dim_per_head,
         "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
         **_rope_to_hf(cfg)}
   if cfg.family == "llama":
-    hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    hf.update(attention_bias=a.qkv_bias, mlp_bias=cfg.mlp_bias)
   elif cfg.family == "mistral":
-    hf.update(sliding_window=cfg.sliding_window)
+    hf.update(sliding_window=a.sliding_window)
   elif cfg.family == "mixtral":
-    _check(cfg.router == "softmax" and cfg.norm_topk_prob and cfg.routed_scaling_factor == 1.0
-           and cfg.n_shared_experts == 0 and cfg.first_k_dense == 0 and cfg.expert_d_ff == cfg.d_ff
-           and cfg.attention == "gqa" and cfg.mtp_depth == 0 and cfg.n_experts > 0,
+    _check(cfg.moe.router == "softmax" and cfg.moe.norm_topk_prob and cfg.moe.routed_scaling_factor == 1.0
+           and cfg.moe.n_shared_experts == 0 and cfg.moe.first_k_dense == 0 and cfg.expert_d_ff == cfg.d_ff
+           and a.kind == "gqa" and cfg.mtp.depth == 0 and cfg.moe.n_experts > 0,
            "Mixtral on Hugging Face has experts in every layer of width d_ff, a softmax router with renormalised "
            "top-k gates, no shared experts, grouped-query attention and no multi-token prediction")
-    hf.update(sliding_window=cfg.sliding_window, num_local_experts=cfg.n_experts,
-              num_experts_per_tok=cfg.n_experts_per_tok, router_aux_loss_coef=cfg.moe_aux_loss_coef,
+    hf.update(sliding_window=a.sliding_window, num_local_experts=cfg.moe.n_experts,
+              num_experts_per_tok=cfg.moe.n_experts_per_tok, router_aux_loss_coef=cfg.moe.moe_aux_loss_coef,
               output_router_logits=False)
   else:  # Qwen2 slides the window in layers >= max_window_layers.
-    window = cfg.sliding_window is not None
-    hf.update(use_sliding_window=window, sliding_window=cfg.sliding_window,
+    window = a.sliding_window is not None
+    hf.update(use_sliding_window=window, sliding_window=a.sliding_window,
               max_window_layers=0 if window else cfg.n_layers)
   return hf
 
@@ -449,21 +449,22 @@ def _deepseek_v3_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
 def _deepseek_v3_to_hf(cfg: ModelConfig) -> dict[str, Any]:
   """Multi-token-prediction modules are written as DeepSeek publishes them (num_nextn_predict_layers, layers
   `num_hidden_layers + k`); transformers skips them on load and does not run them."""
-  _check(cfg.attention == "mla" and cfg.router == "sigmoid" and cfg.n_experts > 0 and cfg.norm == "rms"
-         and cfg.mlp == "swiglu" and cfg.activation == "silu" and cfg.sliding_window is None
-         and not (cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias) and not cfg.learned_positions,
+  a, m = cfg.attention, cfg.moe
+  _check(a.kind == "mla" and m.router == "sigmoid" and m.n_experts > 0 and cfg.norm == "rms"
+         and cfg.mlp == "swiglu" and cfg.activation == "silu" and a.sliding_window is None
+         and not (a.qkv_bias or a.out_bias or cfg.mlp_bias) and not cfg.learned_positions,
          "DeepSeek-V3 on Hugging Face needs attention=mla, a sigmoid router with experts, RMSNorm, SwiGLU (silu), "
          "rotary positions only, no sliding window and no biases")
   return {"hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "moe_intermediate_size": cfg.expert_d_ff,
-          "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_heads,
-          "n_shared_experts": cfg.n_shared_experts, "n_routed_experts": cfg.n_experts,
-          "routed_scaling_factor": cfg.routed_scaling_factor, "kv_lora_rank": cfg.kv_lora_rank,
-          "q_lora_rank": cfg.q_lora_rank, "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim,
-          "qk_nope_head_dim": cfg.qk_nope_head_dim, "n_group": cfg.n_group, "topk_group": cfg.topk_group,
-          "num_experts_per_tok": cfg.n_experts_per_tok, "first_k_dense_replace": cfg.first_k_dense,
-          "norm_topk_prob": cfg.norm_topk_prob, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
-          "rms_norm_eps": cfg.norm_eps, "rope_interleave": cfg.rope_interleave, "attention_bias": False,
-          "num_nextn_predict_layers": cfg.mtp_depth, "aux_loss_alpha": cfg.moe_aux_loss_coef, **_rope_to_hf(cfg)}
+          "num_hidden_layers": cfg.n_layers, "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_heads,
+          "n_shared_experts": m.n_shared_experts, "n_routed_experts": m.n_experts,
+          "routed_scaling_factor": m.routed_scaling_factor, "kv_lora_rank": a.kv_lora_rank,
+          "q_lora_rank": a.q_lora_rank, "qk_rope_head_dim": a.qk_rope_head_dim, "v_head_dim": a.v_head_dim,
+          "qk_nope_head_dim": a.qk_nope_head_dim, "n_group": m.n_group, "topk_group": m.topk_group,
+          "num_experts_per_tok": m.n_experts_per_tok, "first_k_dense_replace": m.first_k_dense,
+          "norm_topk_prob": m.norm_topk_prob, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
+          "rms_norm_eps": cfg.norm_eps, "rope_interleave": a.rope_interleave, "attention_bias": False,
+          "num_nextn_predict_layers": cfg.mtp.depth, "aux_loss_alpha": m.moe_aux_loss_coef, **_rope_to_hf(cfg)}
 
 
 def _gpt2_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
@@ -481,13 +482,14 @@ def _gpt2_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
 
 
 def _gpt2_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+  a = cfg.attention
   ok = (cfg.norm == "layer" and cfg.mlp == "gelu" and cfg.activation in GPT2_ACTIVATIONS_BACK
-        and cfg.qkv_bias and cfg.out_bias and cfg.mlp_bias and cfg.rope_theta is None and cfg.learned_positions
-        and cfg.sliding_window is None and cfg.num_heads_kv == cfg.n_heads and cfg.dim_per_head * cfg.n_heads
+        and a.qkv_bias and a.out_bias and cfg.mlp_bias and cfg.rope_theta is None and cfg.learned_positions
+        and a.sliding_window is None and a.num_heads_kv == a.n_heads and cfg.dim_per_head * a.n_heads
         == cfg.d_model)
   _check(ok, "GPT-2 on Hugging Face needs LayerNorm, a gelu/relu MLP, all biases, learned positions only, no "
          "sliding window, multi-head attention and head_dim = d_model / n_heads")
-  return {"n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.d_ff,
+  return {"n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": a.n_heads, "n_inner": cfg.d_ff,
           "n_positions": cfg.max_seq_len, "activation_function": GPT2_ACTIVATIONS_BACK[cfg.activation],
           "layer_norm_epsilon": cfg.norm_eps, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
           "reorder_and_upcast_attn": False}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jpllm_jax.models.config import ModelConfig, rope_scaling_tuple
+from jpllm_jax.models.config import ModelConfig, make, rope_scaling_tuple
 
 
 def deepseek_v3(**overrides: Any) -> ModelConfig:
@@ -26,7 +26,7 @@ def deepseek_v3(**overrides: Any) -> ModelConfig:
               qk_rope_head_dim=64, v_head_dim=128, rope_interleave=True, n_experts=256, n_experts_per_tok=8,
               moe_d_ff=2048, n_shared_experts=1, first_k_dense=3, router="sigmoid", n_group=8, topk_group=4,
               norm_topk_prob=True, routed_scaling_factor=2.5, moe_aux_loss_coef=1e-4, mtp_depth=1)
-  return ModelConfig(**{**base, **overrides})
+  return make(make(**base), **overrides)
 
 
 PRESETS = {"deepseek-v3": deepseek_v3}

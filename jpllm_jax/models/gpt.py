@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jpllm_jax.models.config import ModelConfig
+from jpllm_jax.models.config import ModelConfig, make
 
 
 def gpt(**overrides: Any) -> ModelConfig:
@@ -16,7 +16,7 @@ def gpt(**overrides: Any) -> ModelConfig:
               d_ff=4 * 5120, max_seq_len=2048, norm="layer", norm_eps=1e-5, mlp="gelu",
               activation="gelu_tanh", qkv_bias=True, out_bias=True, mlp_bias=True, rope_theta=None,
               learned_positions=True, tie_embeddings=True)
-  return ModelConfig(**{**base, **overrides})
+  return make(make(**base), **overrides)
 
 
 PRESETS = {"llm-jp-13b-v1": gpt}

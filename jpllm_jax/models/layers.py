@@ -199,8 +199,8 @@ def matmul(eq: str, x, w):
   pass computes dx and dw as two plain einsums of the cotangent.
 
   On CPU the cotangent goes through an optimisation barrier first: otherwise XLA fuses the elementwise
-  backward ops into a transposing copy for the weight gradient, which made the MLP backward 1.4x slower
-  (benchmarks/train_throughput.py).
+  backward ops into a transposing copy for the weight gradient, a slow strided pass over the activations
+  (benchmarks/train_throughput.py measures it).
   """
   return jnp.einsum(eq, x, w)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jpllm_jax.models.config import ModelConfig, rope_scaling_tuple
+from jpllm_jax.models.config import ModelConfig, make, rope_scaling_tuple
 
 
 def llama2(**overrides: Any) -> ModelConfig:
@@ -11,7 +11,7 @@ def llama2(**overrides: Any) -> ModelConfig:
   base = dict(family="llama", vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
               d_ff=11008, max_seq_len=4096, norm="rms", norm_eps=1e-5, mlp="swiglu", activation="silu",
               rope_theta=10000.0, tie_embeddings=False)
-  return ModelConfig(**{**base, **overrides})
+  return make(make(**base), **overrides)
 
 
 def llama3(**overrides: Any) -> ModelConfig:
@@ -22,7 +22,7 @@ def llama3(**overrides: Any) -> ModelConfig:
               rope_scaling=rope_scaling_tuple({"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                "original_max_position_embeddings": 8192}),
               tie_embeddings=False)
-  return ModelConfig(**{**base, **overrides})
+  return make(make(**base), **overrides)
 
 
 PRESETS = {"llama2-7b": llama2, "llama3-8b": llama3}

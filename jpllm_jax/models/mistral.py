@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jpllm_jax.models.config import ModelConfig
+from jpllm_jax.models.config import ModelConfig, make
 
 
 def mistral(**overrides: Any) -> ModelConfig:
@@ -11,7 +11,7 @@ def mistral(**overrides: Any) -> ModelConfig:
   base = dict(family="mistral", vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
               d_ff=14336, max_seq_len=32768, norm="rms", norm_eps=1e-5, mlp="swiglu", activation="silu",
               rope_theta=10000.0, sliding_window=4096, tie_embeddings=False)
-  return ModelConfig(**{**base, **overrides})
+  return make(make(**base), **overrides)
 
 
 PRESETS = {"mistral-7b": mistral}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jpllm_jax.models.config import ModelConfig
+from jpllm_jax.models.config import ModelConfig, make
 
 
 def mixtral(**overrides: Any) -> ModelConfig:
@@ -17,7 +17,7 @@ def mixtral(**overrides: Any) -> ModelConfig:
               d_ff=14336, max_seq_len=32768, norm="rms", norm_eps=1e-5, mlp="swiglu", activation="silu",
               rope_theta=1e6, sliding_window=None, tie_embeddings=False, n_experts=8, n_experts_per_tok=2,
               router="softmax", norm_topk_prob=True, moe_aux_loss_coef=0.02)
-  return ModelConfig(**{**base, **overrides})
+  return make(make(**base), **overrides)
 
 
 PRESETS = {"mixtral-8x7b": mixtral}

@@ -31,17 +31,17 @@ LATENT_NORM_EPS = 1e-6  # transformers' q_a_layernorm / kv_a_layernorm keep the 
 
 def param_specs(cfg: ModelConfig, n: int) -> dict:
   """The attention weights of `n` stacked layers."""
-  D, H, C = cfg.d_model, cfg.n_heads, cfg.kv_lora_rank
-  N, P, U = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+  D, H, C = cfg.d_model, cfg.attention.n_heads, cfg.attention.kv_lora_rank
+  N, P, U = cfg.attention.qk_nope_head_dim, cfg.attention.qk_rope_head_dim, cfg.attention.v_head_dim
 
   def w(shape, axes, init="normal"):
     return {"kernel": ParamSpec((n, *shape), ("layers", *axes), init)}
 
   specs = {}
-  if cfg.q_lora_rank is None:
+  if cfg.attention.q_lora_rank is None:
     specs["q"] = w((D, H, N + P), ("embed", "heads", "head_dim"))
   else:
-    Q = cfg.q_lora_rank
+    Q = cfg.attention.q_lora_rank
     specs["q_a"] = w((D, Q), ("embed", "q_lora"))
     specs["q_norm"] = {"scale": ParamSpec((n, Q), ("layers", "q_lora"), "ones")}
     specs["q_b"] = w((Q, H, N + P), ("q_lora", "heads", "head_dim"))
@@ -54,7 +54,7 @@ def param_specs(cfg: ModelConfig, n: int) -> dict:
 
 def softmax_scale(cfg: ModelConfig) -> float:
   """1/sqrt(N + P), times YaRN's mscale(factor, mscale_all_dim)^2 for a scaled RoPE (transformers' rule)."""
-  scale = 1.0 / math.sqrt(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+  scale = 1.0 / math.sqrt(cfg.attention.qk_nope_head_dim + cfg.attention.qk_rope_head_dim)
   p = cfg.rope_params
   if cfg.rope_type != "default" and p.get("mscale_all_dim"):
     scale *= layers.yarn_mscale(p["factor"], p["mscale_all_dim"]) ** 2
@@ -63,8 +63,8 @@ def softmax_scale(cfg: ModelConfig) -> float:
 
 def _project(cfg: ModelConfig, p: dict, h_BTD, positions, inv_freq):
   """q_nope [B,T,H,N], rotated q_rope [B,T,H,P], normed latent c_kv [B,T,C], rotated k_rope [B,T,P]."""
-  N, C = cfg.qk_nope_head_dim, cfg.kv_lora_rank
-  if cfg.q_lora_rank is None:
+  N, C = cfg.attention.qk_nope_head_dim, cfg.attention.kv_lora_rank
+  if cfg.attention.q_lora_rank is None:
     q = layers.dense(h_BTD, p["q"], "btd,dhe->bthe")
   else:
     q = layers.dense(h_BTD, p["q_a"], "btd,dq->btq")
@@ -73,7 +73,7 @@ def _project(cfg: ModelConfig, p: dict, h_BTD, positions, inv_freq):
   kv = checkpoint_name(layers.dense(h_BTD, p["kv_a"], "btd,dc->btc"), "qkv_proj")
   c_kv = layers.rms_norm(kv[..., :C], p["kv_norm"]["scale"], LATENT_NORM_EPS)
   q_nope, q_rope, k_rope = q[..., :N], q[..., N:], kv[..., None, C:]
-  if cfg.rope_interleave:
+  if cfg.attention.rope_interleave:
     q_rope, k_rope = layers.deinterleave(q_rope), layers.deinterleave(k_rope)
   factor = layers.rope_attention_factor(cfg)
   q_rope = layers.apply_rope(q_rope, positions, inv_freq)
@@ -90,7 +90,7 @@ def attention(cfg: ModelConfig, p: dict, h_BTD, positions, mask, kv_write: Calla
   multi-head attention. With it (`kv_write(c_kv, k_rope) -> (c_kv_all, k_rope_all)` inserts into the cache),
   kv_b is absorbed into the query and the output.
   """
-  N, H = cfg.qk_nope_head_dim, cfg.n_heads
+  N, H = cfg.attention.qk_nope_head_dim, cfg.attention.n_heads
   q_nope, q_rope, c_kv, k_rope = _project(cfg, p, h_BTD, positions, inv_freq)
   scale = softmax_scale(cfg)
   if kv_write is None:
@@ -99,7 +99,7 @@ def attention(cfg: ModelConfig, p: dict, h_BTD, positions, mask, kv_write: Calla
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], (*k_rope.shape[:2], H, k_rope.shape[-1]))],
                         axis=-1)
     q = jnp.concatenate([q_nope, q_rope], axis=-1)
-    a = layers.causal_attention(q, k, v, mask, cfg.sliding_window, scale=scale)
+    a = layers.causal_attention(q, k, v, mask, cfg.attention.sliding_window, scale=scale)
   else:
     c_all, r_all = kv_write(c_kv, k_rope)
     a = absorbed_attention(q_nope, q_rope, c_all, r_all, p["kv_b"]["kernel"], mask, N, scale)

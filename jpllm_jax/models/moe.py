@@ -1,6 +1,6 @@
 """Mixture-of-experts feed-forward layers: routers, routed and shared experts, balance statistics.
 
-Two routers (`ModelConfig.router`):
+Two routers (`MoEConfig.router`):
   softmax  Mixtral: probabilities softmax(x W_r) over E experts, top-k, gates renormalised over the selected.
   sigmoid  DeepSeek-V3 (arXiv:2412.19437, section 2.1.2): affinities s = sigmoid(x W_r); experts are selected
            by s + b, with b a per-expert bias (`router.bias`) that is *not* trained by the optimizer but moved
@@ -14,8 +14,9 @@ Parameters of a MoE layer (stacked on a leading `layers` axis):
   as transformers keeps them: a bf16 bias could not take gamma = 1e-3 steps); the router computes in float32;
   experts.gate / experts.up [E, D, F], experts.down [E, F, D], shared.{gate,up,down}.kernel (n_shared_experts).
 
-The routed experts are computed by `_routed_experts` with grouped matmuls (`jpllm_jax.moe.moe_ffn`), or with
-expert parallelism over the `expert` mesh axis (`jpllm_jax.parallel.expert`).
+The routed experts are computed by the injected `strategy.current().expert_ffn` (expert parallelism, built by
+`jpllm_jax.parallel` for meshes with an `expert` axis), by default by grouped matmuls on one device
+(`jpllm_jax.moe.moe_ffn`). The model never reads the mesh.
 """
 from __future__ import annotations
 
@@ -24,30 +25,30 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jpllm_jax.models import layers
+from flax import traverse_util
+
+from jpllm_jax.models import layers, strategy
 from jpllm_jax.models.config import ModelConfig
 from jpllm_jax.models.layers import ParamSpec
 from jpllm_jax.moe.ops import moe_ffn
-from jpllm_jax.parallel.expert import moe_ffn_expert_parallel
-from jpllm_jax.parallel.logical import current_rules, logical_to_spec
 
 ROUTER_BIAS = ("router", "bias")  # the last keys of every non-trainable router bias in the params.
 
 
 def param_specs(cfg: ModelConfig, n: int) -> dict[str, Any]:
   """The feed-forward weights of `n` stacked MoE layers."""
-  D, E, F = cfg.d_model, cfg.n_experts, cfg.expert_d_ff
-  router_dtype = "float32" if cfg.router == "sigmoid" else None
+  D, E, F = cfg.d_model, cfg.moe.n_experts, cfg.expert_d_ff
+  router_dtype = "float32" if cfg.moe.router == "sigmoid" else None
   specs: dict[str, Any] = {
       "router": {"kernel": ParamSpec((n, D, E), ("layers", "embed", None), "normal", router_dtype)},
       "experts": {"gate": ParamSpec((n, E, D, F), ("layers", "expert", "embed", "mlp"), "normal"),
                   "up": ParamSpec((n, E, D, F), ("layers", "expert", "embed", "mlp"), "normal"),
                   "down": ParamSpec((n, E, F, D), ("layers", "expert", "mlp", "embed"), "out")},
   }
-  if cfg.router == "sigmoid":
+  if cfg.moe.router == "sigmoid":
     specs["router"]["bias"] = ParamSpec((n, E), ("layers", None), "zeros", "float32")
-  if cfg.n_shared_experts:
-    Fs = cfg.n_shared_experts * F
+  if cfg.moe.n_shared_experts:
+    Fs = cfg.moe.n_shared_experts * F
     specs["shared"] = {"gate": {"kernel": ParamSpec((n, D, Fs), ("layers", "embed", "mlp"), "normal")},
                        "up": {"kernel": ParamSpec((n, D, Fs), ("layers", "embed", "mlp"), "normal")},
                        "down": {"kernel": ParamSpec((n, Fs, D), ("layers", "mlp", "embed"), "out")}}
@@ -60,48 +61,35 @@ def route(cfg: ModelConfig, p: dict, x_ND):
 
   `probs` are the softmax probabilities or the sigmoid affinities, the inputs of the balance losses.
   """
-  k = cfg.n_experts_per_tok
+  k = cfg.moe.n_experts_per_tok
   logits = jnp.einsum("nd,de->ne", x_ND.astype(jnp.float32), p["kernel"].astype(jnp.float32))
-  if cfg.router == "softmax":
+  if cfg.moe.router == "softmax":
     probs = jax.nn.softmax(logits, axis=-1)
     gates, ids = jax.lax.top_k(probs, k)
-    if cfg.norm_topk_prob:
+    if cfg.moe.norm_topk_prob:
       gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
-    return ids, gates * cfg.routed_scaling_factor, logits, probs
+    return ids, gates * cfg.moe.routed_scaling_factor, logits, probs
   scores = jax.nn.sigmoid(logits)
   choice = scores + jax.lax.stop_gradient(p["bias"].astype(jnp.float32)) if "bias" in p else scores
-  if cfg.n_group > 1:
+  if cfg.moe.n_group > 1:
     n, e = choice.shape
-    group_scores = jnp.sum(jax.lax.top_k(choice.reshape(n, cfg.n_group, e // cfg.n_group), 2)[0], axis=-1)
-    _, groups = jax.lax.top_k(group_scores, cfg.topk_group)
-    keep = jnp.sum(jax.nn.one_hot(groups, cfg.n_group, dtype=jnp.int32), axis=1) > 0  # [N, n_group]
-    choice = jnp.where(jnp.repeat(keep, e // cfg.n_group, axis=1), choice, -jnp.inf)
+    group_scores = jnp.sum(jax.lax.top_k(choice.reshape(n, cfg.moe.n_group, e // cfg.moe.n_group), 2)[0], axis=-1)
+    _, groups = jax.lax.top_k(group_scores, cfg.moe.topk_group)
+    keep = jnp.sum(jax.nn.one_hot(groups, cfg.moe.n_group, dtype=jnp.int32), axis=1) > 0  # [N, n_group]
+    choice = jnp.where(jnp.repeat(keep, e // cfg.moe.n_group, axis=1), choice, -jnp.inf)
   _, ids = jax.lax.top_k(choice, k)
   gates = jnp.take_along_axis(scores, ids, axis=-1)
-  if cfg.norm_topk_prob:
+  if cfg.moe.norm_topk_prob:
     gates = gates / (jnp.sum(gates, axis=-1, keepdims=True) + 1e-20)
-  return ids, gates * cfg.routed_scaling_factor, logits, scores
+  return ids, gates * cfg.moe.routed_scaling_factor, logits, scores
 
 
 def _routed_experts(x_ND, expert_ids_NK, gates_NK, p: dict, cfg: ModelConfig):
-  """sum_k gate_k * SwiGLU_{expert_k}(x) [N, D] and the dispatch statistics ("load" [E], "dropped" []).
-
-  Grouped matmuls (`jpllm_jax.moe.moe_ffn`: tokens sorted into per-expert groups, the implementation chosen by
-  backend, capacity dropping when `capacity_factor` is set). Under `axis_rules` with an `expert` mesh axis
-  larger than 1, the experts are sharded over it and tokens travel by all-to-all
-  (`jpllm_jax.parallel.expert.moe_ffn_expert_parallel`), with tokens sharded like the `batch` axis.
-  """
-  kwargs = dict(capacity_factor=cfg.capacity_factor, activation=cfg.activation)
-  state = current_rules()
-  if state is not None and state[0].shape.get("expert", 1) > 1:
-    mesh, rules = state
-    batch_axes = logical_to_spec(("batch",), rules)[0] or ()
-    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
-    tensor = logical_to_spec(("mlp",), rules)[0]
-    return moe_ffn_expert_parallel(x_ND, expert_ids_NK, gates_NK, p["gate"], p["up"], p["down"], mesh=mesh,
-                                   token_axes=batch_axes, tensor_axis=tensor if isinstance(tensor, str) else None,
-                                   **kwargs)
-  return moe_ffn(x_ND, expert_ids_NK, gates_NK, p["gate"], p["up"], p["down"], **kwargs)
+  """sum_k gate_k * SwiGLU_{expert_k}(x) [N, D] and the dispatch statistics ("load" [E], "dropped" []), by the
+  injected strategy's expert FFN (default: `moe_ffn`; capacity dropping when `capacity_factor` is set)."""
+  expert_ffn = strategy.current().expert_ffn or moe_ffn
+  return expert_ffn(x_ND, expert_ids_NK, gates_NK, p["gate"], p["up"], p["down"],
+                    capacity_factor=cfg.moe.capacity_factor, activation=cfg.activation)
 
 
 def ffn(cfg: ModelConfig, p: dict, h_BTD, token_weights_BT=None, with_stats: bool = False):
@@ -128,12 +116,12 @@ def ffn(cfg: ModelConfig, p: dict, h_BTD, token_weights_BT=None, with_stats: boo
 
 # ------------------------------------------------------------------------------------------ balancing
 def _stats(cfg: ModelConfig, ids_BTK, logits_BTE, probs_BTE, w_BT):
-  e, k = cfg.n_experts, cfg.n_experts_per_tok
+  e, k = cfg.moe.n_experts, cfg.moe.n_experts_per_tok
   counts = jnp.sum(jax.nn.one_hot(ids_BTK, e, dtype=jnp.float32), axis=2) * w_BT[..., None]  # [B, T, E]
   n_tokens = jnp.maximum(jnp.sum(w_BT), 1.0)
   load = jnp.sum(counts, axis=(0, 1)) / (k * n_tokens)  # fraction of the assignments per expert; sums to 1.
   z_loss = jnp.sum(jax.nn.logsumexp(logits_BTE, axis=-1) ** 2 * w_BT) / n_tokens  # ST-MoE eq. 5.
-  if cfg.router == "softmax":
+  if cfg.moe.router == "softmax":
     # Switch Transformer eq. 4 with top-k: E * sum_e f_e P_e (1 when perfectly balanced).
     mean_probs = jnp.sum(probs_BTE * w_BT[..., None], axis=(0, 1)) / n_tokens
     balance = e * jnp.sum(load * mean_probs)
@@ -167,35 +155,23 @@ def update_router_biases(params, load, gamma: float):
   """`params` (not modified) with each routed stack's router bias moved by `update_router_bias` from its rows of
   `load` [n_routed_layers, E] (the MoE layers, then the multi-token-prediction blocks); the softmax router has
   no bias to move."""
+  flat = traverse_util.flatten_dict(params)
   row = 0
   for stack in ROUTED_STACKS:
-    node = _get(params, stack)
-    if node is None:
+    kernel = flat.get((*stack, "router", "kernel"))
+    if kernel is None:
       continue
-    n = node["router"]["kernel"].shape[0]
-    if "bias" in node["router"]:
-      bias = update_router_bias(node["router"]["bias"], load[row:row + n], gamma)
-      params = _replace(params, (*stack, "router", "bias"), bias)
+    n = kernel.shape[0]
+    if (*stack, *ROUTER_BIAS) in flat:
+      flat[(*stack, *ROUTER_BIAS)] = update_router_bias(flat[(*stack, *ROUTER_BIAS)], load[row:row + n], gamma)
     row += n
-  return params
+  return traverse_util.unflatten_dict(flat)
 
 
 def router_biases(params) -> list:
   """The router biases of the routed stacks, in "expert_load" order."""
-  nodes = [_get(params, stack) for stack in ROUTED_STACKS]
-  return [node["router"]["bias"] for node in nodes if node is not None and "bias" in node["router"]]
-
-
-def _get(tree, keys):
-  for key in keys:
-    if not isinstance(tree, dict) or key not in tree:
-      return None
-    tree = tree[key]
-  return tree
-
-
-def _replace(tree, keys, value):
-  return value if not keys else {**tree, keys[0]: _replace(tree[keys[0]], keys[1:], value)}
+  flat = traverse_util.flatten_dict(params)
+  return [flat[(*stack, *ROUTER_BIAS)] for stack in ROUTED_STACKS if (*stack, *ROUTER_BIAS) in flat]
 
 
 def is_router_bias(path) -> bool:

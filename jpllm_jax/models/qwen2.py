@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jpllm_jax.models.config import ModelConfig
+from jpllm_jax.models.config import ModelConfig, make
 
 
 def qwen2(**overrides: Any) -> ModelConfig:
@@ -11,7 +11,7 @@ def qwen2(**overrides: Any) -> ModelConfig:
   base = dict(family="qwen2", vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4,
               d_ff=18944, max_seq_len=32768, norm="rms", norm_eps=1e-6, mlp="swiglu", activation="silu",
               rope_theta=1000000.0, qkv_bias=True, tie_embeddings=False)
-  return ModelConfig(**{**base, **overrides})
+  return make(make(**base), **overrides)
 
 
 PRESETS = {"qwen2-7b": qwen2}

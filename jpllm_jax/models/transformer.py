@@ -29,7 +29,7 @@ BTD = ("batch", "length", "embed")
 
 def param_specs(cfg: ModelConfig) -> dict[str, Any]:
   """Nested dict of `ParamSpec`, with the structure of the parameters."""
-  D, V, M = cfg.d_model, cfg.vocab_size, cfg.mtp_depth
+  D, V, M = cfg.d_model, cfg.vocab_size, cfg.mtp.depth
   specs = {
       "embed": {"embedding": ParamSpec((V, D), ("vocab", "embed"), "normal")},
       "final_norm": _norm_specs(cfg),
@@ -45,7 +45,7 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
   if M:  # DeepSeek-V3 MTP modules: norms of the embedding and the hidden state, their projection, a block, a norm.
     specs["mtp"] = {"enorm": _norm_specs(cfg, M), "hnorm": _norm_specs(cfg, M),
                     "proj": {"kernel": ParamSpec((M, 2 * D, D), ("layers", None, "embed"), "normal")},
-                    "block": _layer_specs(cfg, M, moe_layer=cfg.n_experts > 0), "norm": _norm_specs(cfg, M)}
+                    "block": _layer_specs(cfg, M, moe_layer=cfg.moe.n_experts > 0), "norm": _norm_specs(cfg, M)}
   return specs
 
 
@@ -59,7 +59,7 @@ def _norm_specs(cfg: ModelConfig, n: int | None = None) -> dict[str, ParamSpec]:
 
 def _layer_specs(cfg: ModelConfig, L: int, moe_layer: bool) -> dict[str, Any]:
   """The weights of `L` stacked layers: attention, and the dense MLP or the MoE feed-forward."""
-  D, H, K, E, F = cfg.d_model, cfg.n_heads, cfg.num_heads_kv, cfg.dim_per_head, cfg.d_ff
+  D, H, K, E, F = cfg.d_model, cfg.attention.n_heads, cfg.attention.num_heads_kv, cfg.dim_per_head, cfg.d_ff
 
   def proj(shape, axes, bias_shape=None, bias_axes=None, init="normal"):
     p = {"kernel": ParamSpec((L, *shape), ("layers", *axes), init)}
@@ -67,8 +67,8 @@ def _layer_specs(cfg: ModelConfig, L: int, moe_layer: bool) -> dict[str, Any]:
       p["bias"] = ParamSpec((L, *bias_shape), ("layers", *bias_axes), "zeros")
     return p
 
-  qkv_b = cfg.qkv_bias
-  if cfg.attention == "mla":
+  qkv_b = cfg.attention.qkv_bias
+  if cfg.attention.kind == "mla":
     attn = mla.param_specs(cfg, L)
   else:
     attn = {
@@ -78,7 +78,7 @@ def _layer_specs(cfg: ModelConfig, L: int, moe_layer: bool) -> dict[str, Any]:
                   *(((K, E), ("kv_heads", "head_dim")) if qkv_b else ())),
         "v": proj((D, K, E), ("embed", "kv_heads", "head_dim"),
                   *(((K, E), ("kv_heads", "head_dim")) if qkv_b else ())),
-        "o": proj((H, E, D), ("heads", "head_dim", "embed"), *(((D,), ("embed",)) if cfg.out_bias else ()),
+        "o": proj((H, E, D), ("heads", "head_dim", "embed"), *(((D,), ("embed",)) if cfg.attention.out_bias else ()),
                   init="out"),
     }
   layer = {"attn_norm": _norm_specs(cfg, L), "attn": attn, "mlp_norm": _norm_specs(cfg, L)}
@@ -107,7 +107,7 @@ def param_axes(cfg: ModelConfig) -> dict[str, Any]:
 
 def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
   """`jax.ShapeDtypeStruct` of every parameter (no memory allocated)."""
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype or cfg.param_dtype)),
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype or cfg.numerics.param_dtype)),
                       param_specs(cfg), is_leaf=_is_spec)
 
 
@@ -119,7 +119,7 @@ def init(cfg: ModelConfig, rng: jax.Array) -> Params:
   out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.scaled_out_init else cfg.init_std
 
   def make(spec: ParamSpec, key):
-    dtype = jnp.dtype(spec.dtype or cfg.param_dtype)
+    dtype = jnp.dtype(spec.dtype or cfg.numerics.param_dtype)
     if spec.init == "ones":
       return jnp.ones(spec.shape, dtype)
     if spec.init == "zeros":
@@ -143,7 +143,7 @@ def _gqa(cfg: ModelConfig, p: Params, h, positions, mask, kv_write: Callable | N
     q = layers.apply_rope(q, positions, inv_freq)
     k = layers.apply_rope(k, positions, inv_freq)
   if kv_write is None:
-    a = layers.causal_attention(q, k, v, mask, cfg.sliding_window)
+    a = layers.causal_attention(q, k, v, mask, cfg.attention.sliding_window)
   else:
     k, v = kv_write(k, v)
     a = layers.attention(q, k, v, mask)
@@ -169,7 +169,7 @@ def _block(cfg: ModelConfig, p: Params, x, positions, mask, kv_write: Callable |
   cache when decoding. `token_weights` [B, T] (0 on padding) weight the MoE statistics.
   """
   h = layers.norm(cfg, p["attn_norm"], x)
-  attend = mla.attention if cfg.attention == "mla" else _gqa
+  attend = mla.attention if cfg.attention.kind == "mla" else _gqa
   x = x + attend(cfg, p["attn"], h, positions, mask, kv_write, inv_freq)
   x = logical_constraint(x, BTD)
 
@@ -216,7 +216,7 @@ def _default_inputs(tokens, positions, segment_ids):
 
 def _remat(cfg: ModelConfig, body):
   """Wraps the scanned layer body in `jax.checkpoint` with the config's policy."""
-  if cfg.remat == "none":
+  if cfg.numerics.remat == "none":
     return body
   policies = jax.checkpoint_policies
   policy = {
@@ -224,7 +224,7 @@ def _remat(cfg: ModelConfig, body):
       "save_dots": policies.checkpoint_dots,
       "save_dots_no_batch": policies.dots_with_no_batch_dims_saveable,
       "save_qkv_proj": policies.save_only_these_names("qkv_proj"),
-  }[cfg.remat]
+  }[cfg.numerics.remat]
   return jax.checkpoint(body, policy=policy, prevent_cse=False)
 
 
@@ -242,7 +242,7 @@ def forward(cfg: ModelConfig, params: Params, tokens, *, positions=None, segment
   aux (see `hidden`) adds "mtp_logits" [mtp_depth, B, T, V] when the config has MTP: row k at position i
   predicts token i + k + 2 (its target is tokens[i + k + 2]; mask targets past the end of the document).
   """
-  dtype = jnp.dtype(cfg.dtype)
+  dtype = jnp.dtype(cfg.numerics.dtype)
   if not return_aux:
     return _logits(cfg, params, hidden(cfg, params, tokens, positions=positions, segment_ids=segment_ids), dtype)
   x, aux = hidden(cfg, params, tokens, positions=positions, segment_ids=segment_ids, return_aux=True)
@@ -266,10 +266,10 @@ def hidden(cfg: ModelConfig, params: Params, tokens, *, positions=None, segment_
     "mtp_hidden"    [mtp_depth, B, T, D] (MTP models): final-normed hidden states of the MTP blocks.
   Both losses are ready to add to the language-modelling loss; padding (segment id 0) is not counted.
   """
-  dtype = jnp.dtype(cfg.dtype)
+  dtype = jnp.dtype(cfg.numerics.dtype)
   positions, segment_ids = _default_inputs(tokens, positions, segment_ids)
   index = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-  mask = layers.attention_mask(index, index[0], segment_ids, segment_ids, cfg.sliding_window)
+  mask = layers.attention_mask(index, index[0], segment_ids, segment_ids, cfg.attention.sliding_window)
   inv_freq = layers.rope_inv_freq(cfg) if cfg.rope_theta is not None else None
   weights = (segment_ids != 0).astype(jnp.float32)
   x = _embed(cfg, params, tokens, positions, dtype)
@@ -290,13 +290,13 @@ def hidden(cfg: ModelConfig, params: Params, tokens, *, positions=None, segment_
     return out
   zero = jnp.zeros((), jnp.float32)
   aux = {"moe_aux_loss": zero, "router_z_loss": zero}
-  if cfg.mtp_depth:
+  if cfg.mtp.depth:
     aux["mtp_hidden"], mtp_stats = _mtp(cfg, params, tokens, x, positions, mask, weights, inv_freq, dtype)
     if mtp_stats is not None:
       stats = mtp_stats if stats is None else jax.tree.map(lambda a, b: jnp.concatenate([a, b]), stats, mtp_stats)
   if stats is not None:
-    aux.update(moe_aux_loss=cfg.moe_aux_loss_coef * jnp.mean(stats["balance_loss"]),
-               router_z_loss=cfg.router_z_loss_coef * jnp.mean(stats["z_loss"]),
+    aux.update(moe_aux_loss=cfg.moe.moe_aux_loss_coef * jnp.mean(stats["balance_loss"]),
+               router_z_loss=cfg.moe.router_z_loss_coef * jnp.mean(stats["z_loss"]),
                expert_load=stats["expert_load"], moe_dropped=jnp.sum(stats["dropped"]))
   return out, aux
 
@@ -309,7 +309,7 @@ def _mtp(cfg: ModelConfig, params: Params, tokens, h, positions, mask, weights, 
   and the output head are the main model's. Positions past the end of the row see token 0 in place of
   t_{i+k+1}."""
   outs, stats = [], []
-  for k in range(cfg.mtp_depth):
+  for k in range(cfg.mtp.depth):
     p = jax.tree.map(lambda a, k=k: a[k], params["mtp"])
     ahead = jnp.pad(tokens[:, k + 1:], ((0, 0), (0, k + 1)))
     e = layers.norm(cfg, p["enorm"], _embed(cfg, params, ahead, positions, dtype))
@@ -323,7 +323,7 @@ def _mtp(cfg: ModelConfig, params: Params, tokens, h, positions, mask, weights, 
 
 # ----------------------------------------------------------------------------------------- KV cache
 def _cache_names(cfg: ModelConfig) -> tuple[str, str]:
-  return ("kv_latent", "k_rope") if cfg.attention == "mla" else ("k", "v")
+  return ("kv_latent", "k_rope") if cfg.attention.kind == "mla" else ("k", "v")
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
@@ -331,12 +331,12 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[s
     keys/values [L, B, S, K, E] ("k", "v"), or for MLA only the normed latent [L, B, S, kv_lora_rank]
     ("kv_latent") and the rotated RoPE key shared by the heads [L, B, S, qk_rope_head_dim] ("k_rope").
   """
-  dtype = jnp.dtype(dtype or cfg.dtype)
+  dtype = jnp.dtype(dtype or cfg.numerics.dtype)
   lead = (cfg.n_layers, batch, max_len)
-  if cfg.attention == "mla":
-    shapes = ((*lead, cfg.kv_lora_rank), (*lead, cfg.qk_rope_head_dim))
+  if cfg.attention.kind == "mla":
+    shapes = ((*lead, cfg.attention.kv_lora_rank), (*lead, cfg.attention.qk_rope_head_dim))
   else:
-    shapes = ((*lead, cfg.num_heads_kv, cfg.dim_per_head),) * 2
+    shapes = ((*lead, cfg.attention.num_heads_kv, cfg.dim_per_head),) * 2
   cache = {name: jnp.zeros(shape, dtype) for name, shape in zip(_cache_names(cfg), shapes)}
   cache["segment_ids"] = jnp.zeros((batch, max_len), jnp.int32)
   return cache
@@ -350,14 +350,14 @@ def forward_cached(cfg: ModelConfig, params: Params, tokens, cache: dict[str, ja
   index i, so causality and the sliding window are the same rules as in `forward`. `last_only`: logits of
   the last position only ([B, 1, V]): a prefill then skips the vocabulary head of every other position.
   """
-  dtype = jnp.dtype(cfg.dtype)
+  dtype = jnp.dtype(cfg.numerics.dtype)
   b, t = tokens.shape
   cache_index = jnp.asarray(cache_index, jnp.int32)
   kv_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32),
                                              (0, cache_index))
   q_index = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), (b, t))
   k_index = jnp.arange(kv_segments.shape[1], dtype=jnp.int32)
-  mask = layers.attention_mask(q_index, k_index, segment_ids, kv_segments, cfg.sliding_window)
+  mask = layers.attention_mask(q_index, k_index, segment_ids, kv_segments, cfg.attention.sliding_window)
   inv_freq = layers.rope_inv_freq(cfg) if cfg.rope_theta is not None else None
   x = _embed(cfg, params, tokens, positions, dtype)
 

@@ -13,7 +13,7 @@ differ in the layout and its grouped matmul:
   "padded"  CPU: every expert gets the same C rows, so the matmuls are batched einsums [E, C, D] x [E, D, F]
             (the way Fugaku-LLM turned irregular GEMMs into regular ones). With a capacity, C is the capacity.
             Dropless, the largest group picks at run time (`lax.switch`) the first C = N*k/E * slack, slack in
-            PADDED_SLACKS, that holds it, else an exact block layout: groups tiled into blocks of `block_rows`
+            tuning.PADDED_SLACKS, that holds it, else an exact block layout: groups tiled into blocks of `block_rows`
             rows, each tagged with its expert, multiplied block by block (`blocked_mm`).
   "pallas"  the block layout with the Pallas GMM kernel (kernels_pallas/moe_dispatch.py): Triton on GPU,
             the interpreter elsewhere (tests).
@@ -34,16 +34,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jpllm_jax.moe import tuning
 from kernels_pallas import moe_dispatch, vma
 
 IMPLS = ("auto", "ragged", "padded", "pallas")
-# "padded" dropless: per-expert rows C = N*k/E * slack, rounded up to ROW_MULTIPLE, for the first slack that fits;
-# past 1.25 the block layout is faster (it pads ~6% and runs a row at ~0.8 the speed: benchmarks/moe_throughput.py).
-# Uniform routing of 4096 x 8 assignments over 64 experts peaks at ~1.1x the mean: 1.1 with rows in multiples of 8
-# pads 11% where (1.125, 1.25) in multiples of 16 padded 12.5%, 3.5% faster fwd+bwd in the benchmark's layer.
-PADDED_SLACKS = (1.1, 1.125, 1.25)
-ROW_MULTIPLE = 8
-
 
 def _layers():
   """jpllm_jax.models.layers (the activations, the house einsum), imported on first use: the MoE model under
@@ -57,16 +51,14 @@ def _round_up(a: int, b: int) -> int:
 
 
 def default_impl() -> str:
-  """The implementation "auto" picks on the default backend (see the module docstring). On an H200 the Pallas
-  kernel ran the benchmark's layer 13x faster than ragged_dot (benchmarks/moe_throughput.py)."""
-  return {"cpu": "padded", "gpu": "pallas"}.get(jax.default_backend(), "ragged")
+  """The implementation "auto" picks on the default backend (tuning.IMPL_BY_BACKEND, module docstring)."""
+  return tuning.IMPL_BY_BACKEND.get(jax.default_backend(), tuning.DEFAULT_IMPL)
 
 
 def default_block_rows(assignments: int, num_experts: int) -> int:
-  """Rows per block of the block layout: a quarter of the mean group, a power of two in [8, 64]. Smaller blocks
-  pad less (at most E * (block_rows - 1) rows) but make smaller matmuls."""
-  mean = max(1, assignments // (4 * num_experts))
-  return int(min(64, max(8, 2 ** int(math.log2(mean)))))
+  """Rows per block of the block layout: a power of two near a fraction of the mean group (tuning.py)."""
+  mean = max(1, assignments // (tuning.BLOCKS_PER_MEAN_GROUP * num_experts))
+  return int(min(tuning.BLOCK_ROWS_MAX, max(tuning.BLOCK_ROWS_MIN, 2 ** int(math.log2(mean)))))
 
 
 # ------------------------------------------------------------------------------------------- routing
@@ -191,8 +183,8 @@ def _branch_index(cfg: _Config, kept):
 
 
 def _after(x, *done):
-  """x, made to depend on `done`. XLA:CPU runs independent matmuls concurrently, each on all cores: the gate and
-  up projections made the layer 1.35x slower that way on 2 cores (benchmarks/moe_throughput.py)."""
+  """x, made to depend on `done`: XLA:CPU runs independent matmuls concurrently, each on all cores, so two that
+  overlap compete for the same cores; in sequence each has them all."""
   return jax.lax.optimization_barrier((x, *done))[0]
 
 
@@ -231,7 +223,7 @@ def _backward(cfg: _Config, spec, x, weights_A, w_gate, w_up, w_down, e_A, rank,
   dweights_rows = (h.astype(jnp.float32) * q.astype(jnp.float32)).sum(-1)
   dweights_A = jnp.take(dweights_rows, row_of, mode="fill", fill_value=0).astype(weights_A.dtype)
   dg, du = act_vjp(w_rows.astype(q.dtype) * q)
-  # Left concurrent: putting these in sequence like the forward's measured no faster.
+  # Left concurrent (no _after): the backward's matmuls are large enough that sequencing them gains nothing.
   dx_g, dw_gate = jax.vjp(mm, x_rows, w_gate)[1](dg)
   dx_u, dw_up = jax.vjp(mm, x_rows, w_up)[1](du)
   dx = combine(dx_g + dx_u, row_of, x.shape[0]).astype(x.dtype)
@@ -318,20 +310,20 @@ def experts_config(impl: str, k: int, activation: str, assignments: int, num_exp
 
 def _padded_layouts(a: int, num_experts: int, capacity: int | None, max_kept: int, block_rows: int):
   """(layouts, limits) of "padded": with a capacity, one padded layout of that many rows per expert. Dropless,
-  padded layouts of N*k/E times each of PADDED_SLACKS rows (the largest group picks the first that holds it),
+  padded layouts of N*k/E times each of tuning.PADDED_SLACKS rows (the largest group picks the first that holds it),
   then one for any routing: the block layout, or padded with all rows for each expert where that is cheaper
   (few experts)."""
   if capacity is not None:
-    return (("padded", _round_up(capacity, ROW_MULTIPLE)),), ()
+    return (("padded", _round_up(capacity, tuning.ROW_MULTIPLE)),), ()
   layouts, limits = [], []
-  for slack in PADDED_SLACKS:
-    c = _round_up(math.ceil(a / num_experts * slack), ROW_MULTIPLE)
+  for slack in tuning.PADDED_SLACKS:
+    c = _round_up(math.ceil(a / num_experts * slack), tuning.ROW_MULTIPLE)
     if c >= max_kept:
       break
     if not limits or c > limits[-1]:
       layouts.append(("padded", c))
       limits.append(c)
-  last_c = _round_up(max_kept, ROW_MULTIPLE)
+  last_c = _round_up(max_kept, tuning.ROW_MULTIPLE)
   blocked_rows = (max_kept + num_experts * (block_rows - 1)) // block_rows * block_rows
   # A padded row costs about 0.8 of a blocked one (batched, not looped).
   layouts.append(("padded", last_c) if 4 * num_experts * last_c <= 5 * blocked_rows else ("blocked", block_rows))

@@ -32,6 +32,7 @@ the padded all_to_all is the only path here.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -39,8 +40,22 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jpllm_jax.moe import ops
+from jpllm_jax.models.strategy import Strategy
+from jpllm_jax.moe import ops, tuning
+from jpllm_jax.parallel.logical import Rules, logical_to_spec
 from kernels_pallas import vma
+
+
+def strategy(mesh: Mesh, rules: Rules) -> Strategy:
+  """The model's parallel strategy on `mesh` under `rules`: expert parallelism when the mesh has an `expert` axis
+  larger than 1 (tokens sharded like the `batch` axis, the experts' width like `mlp`), else the defaults."""
+  if mesh.shape.get("expert", 1) == 1:
+    return Strategy()
+  batch = logical_to_spec(("batch",), rules)[0] or ()
+  tensor = logical_to_spec(("mlp",), rules)[0]
+  return Strategy(expert_ffn=functools.partial(
+      moe_ffn_expert_parallel, mesh=mesh, token_axes=(batch,) if isinstance(batch, str) else tuple(batch),
+      tensor_axis=tensor if isinstance(tensor, str) else None))
 
 
 def moe_ffn_expert_parallel(x: jax.Array, expert_ids: jax.Array, gates: jax.Array, w_gate: jax.Array,
@@ -138,11 +153,8 @@ def _local_experts(x_R, gate_R, e_R, wg, wu, wd, *, mean_rows: int, group_cap: i
   valid = e_R < e_local
   rank, _, load, _ = ops.route(e_R, e_local + 1, None)  # empty rows form group e_local, after the real ones
   kept = load[:e_local]
-  if impl == "auto":
-    # The Pallas kernel type-checks under shard_map (kernels_pallas/vma.py), but no run of it there has been
-    # checked on a GPU yet, and the interpreter cannot run it there (jax 0.10.2's HLO interpreter slices varying
-    # refs with invariant indices); so "auto" keeps XLA's grouped matmul where moe_ffn picks the kernel.
-    impl = "ragged" if ops.default_impl() == "pallas" else ops.default_impl()
+  if impl == "auto":  # moe_ffn's choice, except the Pallas kernel (tuning.EP_INSTEAD_OF_PALLAS says why).
+    impl = tuning.EP_INSTEAD_OF_PALLAS if ops.default_impl() == "pallas" else ops.default_impl()
   cfg = ops.experts_config(impl, 1, activation, mean_rows, e_local, group_cap, rows)
   # expert_mixture is a custom VJP: give every differentiable input the union of their varying mesh axes, so its
   # cotangents type-check; the transposes of these casts are the psums over the axes that replicate each input.

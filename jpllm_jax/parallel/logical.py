@@ -26,10 +26,15 @@ _STATE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextV
 
 @contextlib.contextmanager
 def axis_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
-  """Within this context, `logical_constraint` shards activations on `mesh` by `rules`."""
+  """Within this context, `logical_constraint` shards activations on `mesh` by `rules`, and the model runs the
+  parallel strategy for them (`jpllm_jax.parallel.expert.strategy`: expert parallelism over an `expert` axis)."""
+  # Imported here: expert.py builds on this module, and the models import this module but never expert.py.
+  from jpllm_jax.models import strategy  # pylint: disable=import-outside-toplevel
+  from jpllm_jax.parallel import expert  # pylint: disable=import-outside-toplevel
   token = _STATE.set((mesh, tuple(rules)))
   try:
-    yield
+    with strategy.use(expert.strategy(mesh, tuple(rules))):
+      yield
   finally:
     _STATE.reset(token)
 

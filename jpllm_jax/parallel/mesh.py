@@ -73,12 +73,13 @@ def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
 def check_model_fits_mesh(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> None:
   """Fails at start-up, naming what to change, when a sharded dimension does not divide its mesh axes."""
   table = dict(rules)
-  dims = [("heads", cfg.n_heads), ("kv_heads", cfg.num_heads_kv), ("vocab", cfg.vocab_size),
+  dims = [("heads", cfg.attention.n_heads), ("kv_heads", cfg.attention.num_heads_kv), ("vocab", cfg.vocab_size),
           ("embed", cfg.d_model), ("layers", cfg.n_layers)]
   if cfg.n_dense_layers:
     dims.append(("mlp", cfg.d_ff))
-  if cfg.n_experts:  # the experts' width, the shared experts' width and the expert count.
-    dims += [("mlp", cfg.expert_d_ff), ("mlp", cfg.n_shared_experts * cfg.expert_d_ff), ("expert", cfg.n_experts)]
+  if cfg.moe.n_experts:  # the experts' width, the shared experts' width and the expert count.
+    dims += [("mlp", cfg.expert_d_ff), ("mlp", cfg.moe.n_shared_experts * cfg.expert_d_ff),
+             ("expert", cfg.moe.n_experts)]
   for name, size in dims:
     axes = table.get(name)
     if axes is None or not size:

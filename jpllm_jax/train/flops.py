@@ -12,13 +12,14 @@ from jpllm_jax.models.config import ModelConfig
 
 
 def _attention_params(cfg: ModelConfig) -> int:
-  d, h = cfg.d_model, cfg.n_heads
-  if cfg.attention == "mla":
-    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-    q = d * h * qk if cfg.q_lora_rank is None else d * cfg.q_lora_rank + cfg.q_lora_rank * h * qk
-    kv = d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-    return q + kv + h * cfg.v_head_dim * d
-  k, e = cfg.num_heads_kv, cfg.dim_per_head
+  a = cfg.attention
+  d, h = cfg.d_model, a.n_heads
+  if a.kind == "mla":
+    qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+    q = d * h * qk if a.q_lora_rank is None else d * a.q_lora_rank + a.q_lora_rank * h * qk
+    kv = d * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank * h * (a.qk_nope_head_dim + a.v_head_dim)
+    return q + kv + h * a.v_head_dim * d
+  k, e = a.num_heads_kv, cfg.dim_per_head
   return d * h * e * 2 + d * k * e * 2  # q and o; k and v.
 
 
@@ -29,7 +30,7 @@ def _ffn_params(cfg: ModelConfig, moe_layer: bool) -> int:
   per_ff = d * (3 if cfg.mlp == "swiglu" else 2)
   if not moe_layer:
     return per_ff * cfg.d_ff
-  return d * cfg.n_experts + per_ff * cfg.expert_d_ff * (cfg.n_experts_per_tok + cfg.n_shared_experts)
+  return d * cfg.moe.n_experts + per_ff * cfg.expert_d_ff * (cfg.moe.n_experts_per_tok + cfg.moe.n_shared_experts)
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -38,14 +39,14 @@ def matmul_params(cfg: ModelConfig) -> int:
   attn = _attention_params(cfg)
   layers = cfg.n_dense_layers * (attn + _ffn_params(cfg, False)) + cfg.n_moe_layers * (attn + _ffn_params(cfg, True))
   head = cfg.d_model * cfg.vocab_size
-  mtp = cfg.mtp_depth * (2 * cfg.d_model * cfg.d_model + attn + _ffn_params(cfg, cfg.n_experts > 0) + head)
+  mtp = cfg.mtp.depth * (2 * cfg.d_model * cfg.d_model + attn + _ffn_params(cfg, cfg.moe.n_experts > 0) + head)
   return layers + head + mtp
 
 
 def _score_dims(cfg: ModelConfig) -> int:
   """Per head: the query-key dimension plus the value dimension (2 x head_dim for standard attention)."""
-  if cfg.attention == "mla":
-    return cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim
+  if cfg.attention.kind == "mla":
+    return cfg.attention.qk_nope_head_dim + cfg.attention.qk_rope_head_dim + cfg.attention.v_head_dim
   return 2 * cfg.dim_per_head
 
 
@@ -56,8 +57,8 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   the full T x T score matrix; recomputation from activation checkpointing is not counted (this is model
   FLOPs, the numerator of MFU). MoE layers count the active experts only.
   """
-  layers = cfg.n_layers + cfg.mtp_depth
-  return 6.0 * matmul_params(cfg) + 6.0 * layers * cfg.n_heads * _score_dims(cfg) * seq_len
+  layers = cfg.n_layers + cfg.mtp.depth
+  return 6.0 * matmul_params(cfg) + 6.0 * layers * cfg.attention.n_heads * _score_dims(cfg) * seq_len
 
 
 @functools.lru_cache(maxsize=4)

@@ -84,7 +84,7 @@ def build_model_config(config, vocab_size: int) -> tuple[ModelConfig, Any]:
   if not fields.get("vocab_size"):
     m = config.model_vocab_multiple
     fields["vocab_size"] = int(math.ceil(vocab_size / m) * m)
-  return ModelConfig(**fields), None
+  return ModelConfig.from_dict(fields), None
 
 
 def _to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:

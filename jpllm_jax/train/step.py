@@ -40,7 +40,7 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, rng: jax.Arra
   rng, init_rng = jax.random.split(rng)
   if params is None:
     params = models.init(cfg, init_rng)
-  params = jax.tree.map(lambda p: jnp.asarray(p, cfg.param_dtype), params)
+  params = jax.tree.map(lambda p: jnp.asarray(p, cfg.numerics.param_dtype), params)
   # The RNG is kept as raw key data (uint32) so that checkpoints hold plain arrays.
   return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
           "rng": jax.random.key_data(rng), "loss_ema": jnp.zeros((), jnp.float32)}
@@ -80,7 +80,7 @@ def _loss_sums(cfg: ModelConfig, params, batch, z_loss: float, loss_chunk: int, 
   "mtp_loss" (each a per-token mean times the tokens) and "moe_dropped" (assignments dropped by the capacity).
   `loss_chunk` > 0: tokens per chunk of the fused head + loss (`models.fused_cross_entropy`); 0: logits."""
   kwargs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
-  with_aux = bool(cfg.n_experts or cfg.mtp_depth)
+  with_aux = bool(cfg.moe.n_experts or cfg.mtp.depth)
   mtp = None
   if loss_chunk:
     out = models.hidden(cfg, params, batch["inputs"], return_aux=with_aux, **kwargs)
@@ -181,7 +181,7 @@ def train_step(state: State, batch: dict[str, jax.Array], *, cfg: ModelConfig, t
 def moe_metrics(cfg: ModelConfig, params, load_LE) -> dict[str, jax.Array]:
   """Balance of the experts: the largest and smallest load relative to uniform (1 = balanced) over the routed
   layers and experts, and the norm of all router biases after this step."""
-  rel = load_LE * cfg.n_experts
+  rel = load_LE * cfg.moe.n_experts
   out = {"moe_load_max": jnp.max(rel), "moe_load_min": jnp.min(rel)}
   if biases := moe.router_biases(params):
     out["router_bias_norm"] = optax.tree.norm(biases)  # (stored in float32)

@@ -1,0 +1,28 @@
+"""The numbers that choose how the routed experts run: implementation per backend, padded-layout slack, row and
+block sizes. They steer code paths in ops.py and parallel/expert.py, so they live here, each with its reason;
+benchmarks/moe_throughput.py measures the choices.
+"""
+from __future__ import annotations
+
+# moe_ffn's "auto" implementation per jax backend; any other backend gets "ragged". CPU: XLA:CPU lowers
+# ragged_dot to a masked product over all experts (E times the work), so batched einsums over padded groups win.
+# GPU: our Pallas grouped-matmul kernel. TPU: XLA's own ragged_dot (the kernel has no Mosaic TPU lowering).
+IMPL_BY_BACKEND = {"cpu": "padded", "gpu": "pallas"}
+DEFAULT_IMPL = "ragged"
+
+# Expert-parallel local experts where "auto" would pick "pallas": XLA's ragged_dot. The kernel type-checks under
+# shard_map, but jax 0.10.2's interpreter cannot run it there (it slices varying refs with invariant indices), so
+# that path could only be tested on a GPU.
+EP_INSTEAD_OF_PALLAS = "ragged"
+
+# "padded" dropless: each expert gets C = N*k/E * slack rows for the first slack whose C holds the largest group,
+# else the exact block layout. Uniform routing puts the largest group near 1.1x the mean; past 1.25x the padded
+# rows cost more than the block layout's slower rows, so the block layout takes over there.
+PADDED_SLACKS = (1.1, 1.125, 1.25)
+# Padded rows per expert are a multiple of this: aligned batched matmuls, little padding (at most 7 rows).
+ROW_MULTIPLE = 8
+
+# Block layout: rows per block are a power of two near a quarter of the mean group, clipped to this range.
+# Smaller blocks pad less (at most E * (block_rows - 1) rows) but make smaller matmuls.
+BLOCK_ROWS_MIN, BLOCK_ROWS_MAX = 8, 64
+BLOCKS_PER_MEAN_GROUP = 4
