@@ -1,0 +1,155 @@
+"""Pipeline parallelism in one `jax.jit` program: a tick table (pipeline_schedule.py) run by `shard_map` over `stage`.
+
+  loss, aux, grads = pipeline_value_and_grad(stage_fn, embed_fn, loss_fn, stage_params, shared_params,
+                                             microbatches, mesh=mesh, schedule=make_schedule("1f1b", 4, 8))
+
+The model comes in three pieces: `embed_fn(shared, batch) -> h` (first virtual stage), `stage_fn(layers, h) -> h`
+(a block of stacked layers), `loss_fn(shared, h, batch) -> (token-weighted loss sum, token count)` (last
+virtual stage). `stage_params` leaves have a leading layer axis L; device s runs chunk c = layer block c S + s
+(L / (S V) layers each, Megatron's interleaved layout; V = 1: contiguous blocks).
+
+Each device scans over the ticks of its own schedule row. A tick stores the messages that arrived into the
+input / cotangent buffers (the schedule's slots), runs one branch of a `lax.switch` (idle, forward, or
+backward: the stage recomputed from its stored input under `jax.vjp`), and sends the forward output to the next
+device and the input cotangent to the previous one with `lax.ppermute`. Only the chosen branch runs, so a
+device spends one forward or one backward per tick. Stage inputs are kept, not activations: the backward
+recomputes its stage (full rematerialisation at stage granularity), so memory is the schedule's slot count
+times one stage input, plus one stage's activations.
+
+Gradients of the shared parameters (embedding, head; tied or not) are summed over the stages with one psum;
+the loss and the gradients are divided by the total token count at the end, so they equal `jax.value_and_grad`
+of sum(loss sums) / sum(token counts). Only `stage_axis` is manual: other mesh axes stay automatic, so the
+batch may be sharded over `data` (and the stage functions may carry their own sharding constraints).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from jpllm_jax.parallel.pipeline_schedule import BACKWARD, FORWARD, Schedule
+
+# Device row columns: branch index, micro-batch, chunk, input slot, cotangent slot, receive slots.
+_CODE, _MICRO, _CHUNK, _SLOT, _GSLOT, _RECV, _GRECV = range(7)
+
+
+def device_rows(schedule: Schedule) -> np.ndarray:
+  """int32 [S, T, 7]: per device and tick the switch branch (0 idle, 1 + 2 first + last forward, 5 + ...
+  backward), the micro-batch, the chunk, the read slots (clipped to 0) and the receive slots (-1: none)."""
+  act = schedule.field("action")
+  code = np.where(act == FORWARD, 1, np.where(act == BACKWARD, 5, 0))
+  code = code + (act != 0) * (2 * schedule.is_first() + schedule.is_last())
+  cols = [code, schedule.field("micro"), schedule.field("chunk"), np.maximum(schedule.field("slot"), 0),
+          np.maximum(schedule.field("grad_slot"), 0), schedule.field("recv_slot"), schedule.field("recv_grad_slot")]
+  return np.stack(cols, -1).transpose(1, 0, 2).astype(np.int32)
+
+
+def pipeline_value_and_grad(stage_fn: Callable, embed_fn: Callable, loss_fn: Callable, stage_params: Any,
+                            shared_params: Any, microbatches: Any, *, mesh: Mesh, schedule: Schedule,
+                            stage_axis: str = "stage") -> tuple[jax.Array, dict, tuple[Any, Any]]:
+  """Loss, aux and gradients (stage_params', shared_params') of the pipelined model over all micro-batches.
+
+  Args:
+    stage_fn, embed_fn, loss_fn: the model's pieces (module docstring).
+    stage_params: pytree of [L, ...] stacked layers. shared_params: pytree used by embed_fn and loss_fn.
+    microbatches: pytree of [M, ...] arrays, one row per micro-batch.
+    mesh: a mesh with `stage_axis` of size schedule.stages. schedule: from `make_schedule`.
+  Returns:
+    loss = sum of loss sums / sum of token counts, aux {"loss_sum", "tokens"}, grads (stage, shared).
+  """
+  S, V, M = schedule.stages, schedule.virtual, schedule.micro_batches
+  if mesh.shape[stage_axis] != S:
+    raise ValueError(f"schedule has {S} stages but mesh axis {stage_axis!r} has {mesh.shape[stage_axis]} devices")
+  n_layers = {w.shape[0] for w in jax.tree.leaves(stage_params)}
+  if len(n_layers) != 1 or next(iter(n_layers)) % (S * V):
+    raise ValueError(f"stage_params need one leading layer count divisible by stages x virtual_stages = {S * V}, "
+                     f"got {sorted(n_layers)}")
+  n_mb = {x.shape[0] for x in jax.tree.leaves(microbatches)}
+  if n_mb != {M}:
+    raise ValueError(f"microbatches need a leading axis of {M} (the schedule's micro-batches), got {sorted(n_mb)}")
+  L = n_layers.pop()
+  chunked = jax.tree.map(lambda w: w.reshape(V, S, L // (S * V), *w.shape[1:]), stage_params)
+  rows = jnp.asarray(device_rows(schedule))
+  body = functools.partial(_device_program, stage_fn, embed_fn, loss_fn, schedule=schedule, axis=stage_axis)
+  run = jax.shard_map(body, mesh=mesh, axis_names={stage_axis},
+                      in_specs=(P(None, stage_axis), P(), P(), P(stage_axis)),
+                      out_specs=(P(), P(), P(None, stage_axis), P()))
+  loss_sum, tokens, g_stage, g_shared = run(chunked, shared_params, microbatches, rows)
+  g_stage = jax.tree.map(lambda g, w: (g / tokens).reshape(w.shape).astype(w.dtype), g_stage, stage_params)
+  g_shared = jax.tree.map(lambda g, w: (g / tokens).astype(w.dtype), g_shared, shared_params)
+  return loss_sum / tokens, {"loss_sum": loss_sum, "tokens": tokens}, (g_stage, g_shared)
+
+
+def _vary(tree, axis: str):
+  """Casts every leaf to vary over the stage axis (the per-device values of the scan carry and branches)."""
+  def cast(x):
+    return x if axis in jax.typeof(x).manual_axis_type.varying else lax.pcast(x, (axis,), to="varying")
+  return jax.tree.map(cast, tree)
+
+
+def _device_program(stage_fn, embed_fn, loss_fn, params, shared, batches, rows, *, schedule: Schedule, axis: str):
+  """One device's scan over its schedule row; returns its loss sum, token count and gradient sums."""
+  S = schedule.stages
+  params = jax.tree.map(lambda w: w[:, 0], params)  # [V, layers per chunk, ...]
+  # Varying copies: their gradients stay per device (no implicit psum inside a branch); summed once below.
+  shared, batches = _vary(shared, axis), _vary(batches, axis)
+  batch0 = jax.tree.map(lambda b: b[0], batches)
+  h = jax.eval_shape(embed_fn, shared, batch0)
+  zeros = lambda shape, dtype: _vary(jnp.zeros(shape, dtype), axis)  # noqa: E731
+  zero_h = zeros(h.shape, h.dtype)
+  zero_p = jax.tree.map(lambda w: zeros(w.shape[1:], w.dtype), params)
+  zero_s = jax.tree.map(lambda w: zeros(w.shape, w.dtype), shared)
+  zero_f = zeros((), jnp.float32)
+
+  def forward(first, last, p, sh, batch, x, g):
+    del g
+    y = stage_fn(p, embed_fn(sh, batch) if first else x)
+    if not last:
+      return y, zero_h, zero_p, zero_s, zero_f, zero_f
+    loss, tokens = loss_fn(sh, y, batch)
+    return zero_h, zero_h, zero_p, zero_s, loss.astype(jnp.float32), tokens.astype(jnp.float32)
+
+  def backward(first, last, p, sh, batch, x, g):
+    def f(p, sh, x):
+      y = stage_fn(p, embed_fn(sh, batch) if first else x)
+      return loss_fn(sh, y, batch)[0] if last else y
+    out, vjp = jax.vjp(f, p, sh, x)
+    dp, dsh, dx = vjp(jnp.ones_like(out) if last else g.astype(out.dtype))
+    return zero_h, zero_h if first else dx.astype(h.dtype), dp, _vary(dsh, axis), zero_f, zero_f
+
+  def idle(p, sh, batch, x, g):
+    del p, sh, batch, x, g
+    return zero_h, zero_h, zero_p, zero_s, zero_f, zero_f
+
+  branches = [idle] + [functools.partial(fn, first, last) for fn in (forward, backward)
+                       for first in (False, True) for last in (False, True)]
+  fwd_perm = [(s, (s + 1) % S) for s in range(S)]
+  bwd_perm = [(s, (s - 1) % S) for s in range(S)]
+
+  def store(buf, slot, msg):
+    row = jnp.maximum(slot, 0)
+    return buf.at[row].set(jnp.where(slot >= 0, msg, buf[row]))
+
+  def tick(carry, row):
+    acts, cots, fwd_in, bwd_in, g_p, g_s, loss, tokens = carry
+    acts, cots = store(acts, row[_RECV], fwd_in), store(cots, row[_GRECV], bwd_in)
+    c = row[_CHUNK]
+    p = jax.tree.map(lambda w: w[c], params)
+    batch = jax.tree.map(lambda b: b[row[_MICRO]], batches)
+    y, dx, dp, dsh, l, n = lax.switch(row[_CODE], branches, p, shared, batch, acts[row[_SLOT]], cots[row[_GSLOT]])
+    g_p = jax.tree.map(lambda acc, d: acc.at[c].add(d.astype(acc.dtype)), g_p, dp)
+    g_s = jax.tree.map(lambda acc, d: acc + d.astype(acc.dtype), g_s, dsh)
+    fwd_in, bwd_in = lax.ppermute(y, axis, fwd_perm), lax.ppermute(dx, axis, bwd_perm)
+    return (acts, cots, fwd_in, bwd_in, g_p, g_s, loss + l, tokens + n), None
+
+  f32 = lambda w: zeros(w.shape, jnp.float32)  # noqa: E731
+  init = (zeros((schedule.act_slots, *h.shape), h.dtype), zeros((schedule.grad_slots, *h.shape), h.dtype),
+          zero_h, zero_h, jax.tree.map(f32, params), jax.tree.map(f32, shared), zero_f, zero_f)
+  (_, _, _, _, g_p, g_s, loss, tokens), _ = lax.scan(tick, init, rows[0])
+  g_p = jax.tree.map(lambda g: g[:, None], g_p)
+  return lax.psum(loss, axis), lax.psum(tokens, axis), g_p, lax.psum(g_s, axis)
