@@ -1,14 +1,17 @@
 """Converts Hugging Face checkpoints to our orbax checkpoints and back.
 
-HF -> orbax (Llama, Mistral, Qwen2, GPT-2 safetensors; `--dtype` casts, default keeps the checkpoint's):
+HF -> orbax (safetensors of LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel,
+MixtralForCausalLM or DeepseekV3ForCausalLM; `--dtype` casts, default keeps the checkpoint's):
 
     python -m experiments.convert --hf_dir=/models/Llama-3.1-8B --out=/ckpt/llama3-8b [--dtype=bfloat16]
 
-orbax -> HF (the latest step unless `--step`; shards of at most `--max_shard_size`):
+orbax -> HF, from a directory this command wrote or a training run's WORKDIR/checkpoints (the latest step unless
+`--step`; shards of at most `--max_shard_size`):
 
     python -m experiments.convert --ckpt_dir=/ckpt/llama3-8b --hf_out=/models/llama3-8b-hf [--step=1000]
 
-The HF output has config.json and the weights only: copy tokenizer files and generation_config.json over.
+The HF output has config.json and the safetensors weights only (no token ids are passed, so no
+generation_config.json): copy the tokenizer files and generation_config.json over.
 """
 from __future__ import annotations
 

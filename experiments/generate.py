@@ -1,8 +1,10 @@
-r"""Forward pass and KV-cache generation demo on Japanese text (the main job until training lands).
+r"""Forward pass and KV-cache generation demo on Japanese text (the main job is experiments.train).
 
-Loads a model (a small random Llama by default, an imported Hugging Face directory with --hf_dir, or an
-orbax checkpoint with --ckpt_dir), measures its loss on documents of
-../shared/data/text_ja/pretrain_ja.jsonl, and continues Japanese prompts with greedy or sampled decoding.
+Loads a model (a small random Llama-3-style model by default; with --hf_dir a Hugging Face directory of any
+family `jpllm_jax.hf` imports; with --ckpt_dir an orbax checkpoint from experiments.convert or a training run's
+WORKDIR/checkpoints), measures its loss on the first --num_docs documents of
+../shared/data/text_ja/pretrain_ja.jsonl, and continues Japanese prompts with greedy or sampled decoding
+(`jpllm_jax.generate.generate`), printing forward tokens/s and generation time.
 
   python -m experiments.generate                         # tiny random Llama, Mistral tokenizer, on CPU
   python -m experiments.generate --hf_dir=/models/Swallow-7b-hf --prompt='日本で一番高い山は' \
