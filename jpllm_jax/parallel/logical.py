@@ -15,9 +15,8 @@ from collections.abc import Iterator, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-# Logical axes used by the models; `None` in an axes tuple marks a dimension that is never sharded.
-LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", "expert")
-
+# `None` in an axes tuple marks a dimension that is never sharded; the rules table (parallel.mesh.DEFAULT_RULES)
+# names every logical axis that can be.
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 _STATE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(

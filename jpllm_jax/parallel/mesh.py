@@ -37,6 +37,37 @@ DEFAULT_RULES: Rules = (
 )
 
 
+def with_rule_overrides(overrides: str | Mapping[str, object] | None, rules: Rules = DEFAULT_RULES) -> Rules:
+  """`rules` with some logical axes mapped elsewhere: `"mlp=tensor,batch=data+fsdp,vocab="` (`+` joins mesh
+  axes, an empty value replicates) or a mapping {logical axis: mesh axis, tuple of them, or None}."""
+  if not overrides:
+    return tuple(rules)
+  if isinstance(overrides, str):
+    pairs = []
+    for part in filter(None, (p.strip() for p in overrides.split(","))):
+      name, eq, value = part.partition("=")
+      if not eq:
+        raise ValueError(f"mesh rule {part!r} is not logical_axis=mesh_axis[+mesh_axis...]")
+      pairs.append((name.strip(), tuple(a.strip() for a in value.split("+") if a.strip()) or None))
+  else:
+    pairs = [(k, (v,) if isinstance(v, str) else (tuple(v) if v else None)) for k, v in overrides.items()]
+  table = dict(rules)
+  for name, axes in pairs:
+    if name not in table:
+      raise ValueError(f"unknown logical axis {name!r} in the mesh rules; known: {sorted(table)}")
+    unknown = [a for a in axes or () if a not in MESH_AXES]
+    if unknown:
+      raise ValueError(f"unknown mesh axes {unknown} in the rule for {name!r}; use {MESH_AXES}")
+    table[name] = None if axes is None else (axes[0] if len(axes) == 1 else axes)
+  return tuple(table.items())
+
+
+def data_parallel_size(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
+  """How many ways the batch is split: the product of the mesh axes the `batch` rule maps to."""
+  axes = dict(rules).get("batch") or ()
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
   """Resolves one -1 entry and checks that the axis sizes multiply to the device count."""
   unknown = [a for a in sizes if a not in MESH_AXES]
