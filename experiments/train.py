@@ -6,9 +6,13 @@ r"""Launches a training run.
 
 Multi-host: start the same command on every host with --coordinator=HOST:PORT --num_processes=N
 --process_id=I (or --coordinator=auto on TPU pods and Slurm clusters). Re-running with the same workdir
-resumes from the latest checkpoint; SIGTERM saves a checkpoint and exits.
+resumes from the latest checkpoint; SIGTERM saves a checkpoint and exits. A config typo stops the launch with
+one line ("unknown field model.d_modle; did you mean d_model?") before anything is loaded or written.
 """
 from __future__ import annotations
+
+import re
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -16,23 +20,56 @@ from ml_collections import config_flags
 from jpllm_jax import cpu
 from jpllm_jax.parallel import initialize_distributed
 
-config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "Training config (a Python file).")
+
+def _one_line(error: Exception, argv: list[str]) -> str:
+  """ml_collections' error for an unknown `--config.a.b` override, as "unknown field a.b; did you mean c?"."""
+  text = str(error)
+  m = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+  key = m.group(2) if m else re.search(r"\w+", text).group(0)
+  for arg in argv:
+    parts = arg.split("=", 1)[0].removeprefix("--config.").split(".")
+    if arg.startswith("--config.") and key in parts:
+      hint = f"; did you mean {m.group(1)}?" if m else ""
+      return f"unknown field {'.'.join(parts[:parts.index(key) + 1])}{hint}"
+  return text.splitlines()[0]
+
+
+try:  # ml_collections applies the --config.* overrides here already.
+  config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "Training config (a Python file).")
+except (KeyError, AttributeError) as e:
+  sys.exit(f"error: {_one_line(e, sys.argv)}")
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard, tokenizer.",
                     required=True)
 flags.DEFINE_string("coordinator", None, "Multi-host: coordinator address host:port, or 'auto'.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
+flags.DEFINE_bool("verbose", False, "Show the libraries' info logs (orbax's per-save lines) too.")
 FLAGS = flags.FLAGS
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return FLAGS(argv)
+  except (KeyError, AttributeError) as e:  # how ml_collections reports an unknown override field.
+    sys.exit(f"error: {_one_line(e, argv)}")
+  except flags.Error as e:
+    sys.exit(f"error: {str(e).splitlines()[0]}")
 
 
 def main(argv):
   del argv
+  from jpllm_jax.train.metrics import console
+  console(FLAGS.verbose)
   initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+  from jpllm_jax.train.config import ConfigError
   from jpllm_jax.train.loop import train  # after jax.distributed is up.
   logging.info("config:\n%s", FLAGS.config)
-  train(FLAGS.config, FLAGS.workdir)
+  try:
+    train(FLAGS.config, FLAGS.workdir)
+  except (ConfigError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
   cpu.use_huge_pages()  # re-executes with glibc huge pages for XLA's buffers (JPLLM_NO_HUGE_PAGES=1: off).
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -105,6 +105,16 @@ def param_axes(cfg: ModelConfig) -> dict[str, Any]:
   return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=_is_spec)
 
 
+def param_kinds(cfg: ModelConfig) -> dict[str, Any]:
+  """The kind of every parameter, read from its initialiser (what the optimizer labels by): "weight" (matrices
+  and embeddings), "scale" (norms), "bias", or "router_bias" (moved by `moe.update_router_biases`, not gradients)."""
+  def kind(path, spec: ParamSpec) -> str:
+    if moe.is_router_bias(path):
+      return "router_bias"
+    return {"ones": "scale", "zeros": "bias"}.get(spec.init, "weight")
+  return jax.tree_util.tree_map_with_path(kind, param_specs(cfg), is_leaf=_is_spec)
+
+
 def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
   """`jax.ShapeDtypeStruct` of every parameter (no memory allocated)."""
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype or cfg.numerics.param_dtype)),

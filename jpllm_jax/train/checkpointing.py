@@ -5,7 +5,7 @@ Each step folder holds three items, so that a training checkpoint is also a para
 
     <workdir>/checkpoints/model_config.json
     <workdir>/checkpoints/<step>/params        the parameters
-    <workdir>/checkpoints/<step>/train_state   optimizer state, step, RNG key data, loss EMA
+    <workdir>/checkpoints/<step>/train_state   optimizer state, step, loss EMA
     <workdir>/checkpoints/<step>/data          the grain iterator state, one JSON file per process
 """
 from __future__ import annotations
@@ -32,12 +32,26 @@ class _IteratorSnapshot:
     return self._state
 
 
+def _check_same_model(directory: pathlib.Path, config: ModelConfig) -> None:
+  """Fails, before anything is written, when `directory` holds checkpoints of a different model."""
+  path = directory / CONFIG_FILE
+  if not path.exists() or not ocp.utils.checkpoint_steps(directory):
+    return
+  saved = ModelConfig.from_json(path.read_text())
+  if saved != config:
+    old, new = saved.to_dict(), config.to_dict()
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    raise ValueError(f"{directory} holds checkpoints of a different model (changed: {', '.join(changed)}); "
+                     "train it with its own config or use a new workdir")
+
+
 class TrainCheckpointer:
   """Saves and restores the train state and the data iterator of a run."""
 
   def __init__(self, directory: str | pathlib.Path, config: ModelConfig, *, save_every: int, keep: int,
                async_save: bool = True):
     self.directory = pathlib.Path(directory).absolute()
+    _check_same_model(self.directory, config)
     if jax.process_index() == 0:
       self.directory.mkdir(parents=True, exist_ok=True)
       (self.directory / CONFIG_FILE).write_text(config.to_json() + "\n")
@@ -72,9 +86,6 @@ class TrainCheckpointer:
         data=grain.checkpoint.CheckpointRestore(iterator))
     restored = self.manager.restore(step, args=args)
     return {"params": restored["params"], **restored["train_state"]}
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -21,12 +21,14 @@ from jax.experimental import multihost_utils
 from jpllm_jax import eval as jeval
 from jpllm_jax.data import pipeline
 from jpllm_jax.models.config import ModelConfig
-from jpllm_jax.parallel import DEFAULT_RULES, check_model_fits_mesh, make_mesh
+from jpllm_jax.models.transformer import param_kinds
+from jpllm_jax.parallel import MESH_AXES, check_model_fits_mesh, data_parallel_size, make_mesh, with_rule_overrides
 from jpllm_jax.tokenizer import load_tokenizer
 from jpllm_jax.tokenizer.train import train_sentencepiece
+from jpllm_jax.train import config as run_config
 from jpllm_jax.train import flops
 from jpllm_jax.train.checkpointing import TrainCheckpointer
-from jpllm_jax.train.metrics import MetricsLogger
+from jpllm_jax.train.metrics import MetricsLogger, throughput
 from jpllm_jax.train.optimizer import make_optimizer
 from jpllm_jax.train.step import (BATCH_KEYS, StepConfig, batch_sharding, init_state, make_eval_step,
                                   make_train_step, nonfinite_leaf_name, state_shardings)
@@ -55,7 +57,7 @@ def parse_sources(spec: str) -> list[tuple[list[str], float]]:
 
 def prepare_tokenizer(config, workdir: pathlib.Path):
   """The configured SentencePiece model, or one trained by process 0 on the source files (validation
-  documents included: the split is by document inside the files)."""
+  documents included: the split is by document inside the files) into <workdir>/tokenizer."""
   if config.data.tokenizer:
     return load_tokenizer(config.data.tokenizer), config.data.tokenizer
   out = workdir / "tokenizer" / "spm"
@@ -124,21 +126,33 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def make_task_eval(config, cfg: ModelConfig, sp):
-  """The optional in-training evaluation (`config.eval.every` > 0): params -> `eval/<row>` log fields.
-
-  A small `limit` of Japanese tasks, logged beside the loss; log-likelihood multiple choice gives signal long
-  before a small model emits labels. Evaluate full checkpoints with `experiments.eval` / `experiments.eval_curve`.
-  """
-  ec = config.get("eval")
-  if ec is None or not ec.every:
+def _eval_plan(config) -> tuple[list, list[str]] | None:
+  """The in-training evaluation's (tasks, scorings), checked before anything is loaded; None when it is off."""
+  ec = config.eval
+  if not ec.every:
     return None
   if jax.process_count() > 1:
     raise ValueError("eval.every > 0 runs on a single process; evaluate the checkpoints of a multi-host run with "
                      "python -m experiments.eval_curve")
   tasks = jeval.get_tasks(ec.tasks)
   scoring = [s.strip() for s in ec.scoring.split(",") if s.strip()]
+  unknown = [s for s in scoring if s not in jeval.SCORINGS]
+  if unknown or not scoring:
+    raise ValueError(f"unknown eval.scoring {unknown or ec.scoring!r}; use one or more of {jeval.SCORINGS}")
+  if not os.path.isdir(ec.data_dir):
+    raise FileNotFoundError(f"eval.data_dir {ec.data_dir!r} is not a directory")
+  return tasks, scoring
 
+
+def make_task_eval(config, cfg: ModelConfig, sp, plan):
+  """The optional in-training evaluation (`config.eval.every` > 0): params -> `eval/<row>` log fields.
+
+  A small `limit` of Japanese tasks, logged beside the loss; log-likelihood multiple choice gives signal long
+  before a small model emits labels. Evaluate full checkpoints with `experiments.eval` / `experiments.eval_curve`.
+  """
+  if plan is None:
+    return None
+  ec, (tasks, scoring) = config.eval, plan
   lm = jeval.LanguageModel(cfg, None, sp, batch_size=ec.batch_size, max_len=ec.max_len or None)
 
   def run(params) -> dict[str, float]:
@@ -153,73 +167,95 @@ def make_task_eval(config, cfg: ModelConfig, sp):
   return run
 
 
-def train(config, workdir: str) -> dict[str, Any]:
-  """Trains for `config.train.steps` steps (resuming from the latest checkpoint); returns the last log."""
-  workdir = pathlib.Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:  # the settings of the run, for evaluation and provenance.
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+def check_launch(config):
+  """Everything a launch can check before it loads a model or writes to the workdir: data and tokenizer paths,
+  the HF directory, the evaluation's tasks and scoring, the mesh and its rules, and the batch split.
+  Returns (mesh, rules, eval plan)."""
   tc = config.train
-  sp, tokenizer_path = prepare_tokenizer(config, workdir)
-  cfg, hf_params = build_model_config(config, sp.vocab_size())
-  task_eval = make_task_eval(config, cfg, sp)
-
-  mesh = make_mesh(dict(config.mesh))
-  check_model_fits_mesh(cfg, mesh, DEFAULT_RULES)
+  parse_sources(config.data.sources)
+  if config.data.tokenizer and not os.path.exists(config.data.tokenizer):
+    raise FileNotFoundError(f"data.tokenizer {config.data.tokenizer} does not exist")
+  if config.init_from_hf and not os.path.isdir(config.init_from_hf):
+    raise FileNotFoundError(f"init_from_hf {config.init_from_hf} is not a directory")
+  plan = _eval_plan(config)
+  rules = with_rule_overrides(config.mesh.rules)
+  mesh = make_mesh({a: config.mesh[a] for a in MESH_AXES})
   if tc.batch_size % (tc.micro_batches * jax.process_count()):
     raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by micro_batches x processes "
                      f"({tc.micro_batches} x {jax.process_count()})")
-  dp = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+  dp = data_parallel_size(mesh, rules)
   if tc.batch_size % dp:
     raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the data-parallel size {dp} "
-                     "(mesh data x fsdp x expert)")
+                     f"(the mesh axes of the batch rule, {dict(rules)['batch']})")
+  return mesh, rules, plan
+
+
+def train(config, workdir: str) -> dict[str, Any]:
+  """Trains for `config.train.steps` steps (resuming from the latest checkpoint); returns the last log.
+
+  `config` is merged onto `train.config.defaults()`. A launch checks everything it can before it writes
+  to `workdir`, so a failed relaunch leaves a run as it was.
+  """
+  config = run_config.with_defaults(config)
+  workdir = pathlib.Path(workdir).absolute()
+  tc = config.train
+  try:
+    mesh, rules, plan = check_launch(config)
+    sp, tokenizer_path = prepare_tokenizer(config, workdir)
+    cfg, hf_params = build_model_config(config, sp.vocab_size())
+    check_model_fits_mesh(cfg, mesh, rules)
+    ckpt = TrainCheckpointer(workdir / "checkpoints", cfg, save_every=tc.checkpoint_every,
+                             keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
+  except ValueError as e:  # one line for the launcher: a setting to change, not a bug.
+    raise run_config.ConfigError(str(e)) from e
+  task_eval = make_task_eval(config, cfg, sp, plan)
+  start = ckpt.latest_step()
+  if jax.process_index() == 0:  # the settings of the run, for evaluation and provenance.
+    run_config.write_run_config(workdir, config, start or 0)
+
   local_batch = tc.batch_size // jax.process_count()
-  tx, schedule = make_optimizer(config.optim.lr, config.optim.warmup_steps, tc.steps, config.optim.min_lr_ratio,
-                                config.optim.b1, config.optim.b2, config.optim.eps, config.optim.weight_decay,
-                                config.optim.clip_norm)
-  step_cfg = StepConfig(z_loss=config.optim.z_loss, micro_batches=tc.micro_batches, spike_factor=tc.spike_factor,
-                        mtp_loss_coef=config.optim.get("mtp_loss_coef", 0.3),
-                        router_bias_rate=config.optim.get("router_bias_rate", 0.001))
-  shardings = state_shardings(cfg, tx, mesh, DEFAULT_RULES)
+  o = config.optim
+  tx, schedule = make_optimizer(o.lr, o.warmup_steps, tc.steps, kinds=param_kinds(cfg),
+                                **{k: o[k] for k in ("min_lr_ratio", "b1", "b2", "eps", "weight_decay", "clip_norm")})
+  step_cfg = StepConfig(z_loss=o.z_loss, micro_batches=tc.micro_batches, spike_factor=tc.spike_factor,
+                        mtp_loss_coef=o.mtp_loss_coef, router_bias_rate=o.router_bias_rate)
+  shardings = state_shardings(cfg, tx, mesh, rules)
   init_fn = jax.jit(functools.partial(init_state, cfg, tx), out_shardings=shardings)
-  rng = jax.random.key(config.seed)
   params = None if hf_params is None else jax.device_put(hf_params, shardings["params"])
-  state = init_fn(rng, params)
+  state = init_fn(jax.random.key(config.seed), params)
 
   # Data shards are independent of the process count: a run reads the same global batches on 1 host as on
   # `data.shards` hosts (each process reads its shards side by side).
-  shard_count = config.data.get("shards") or jax.process_count()
+  shard_count = config.data.shards or jax.process_count()
   data_kwargs = dict(sources=parse_sources(config.data.sources), tokenizer=sp, seq_len=config.data.seq_len,
                      batch_size=local_batch, seed=config.seed, val_fraction=config.data.val_fraction,
                      shards=pipeline.local_shards(shard_count), shard_count=shard_count)
   train_iter = pipeline.ShardsIterator(split="train", **data_kwargs)
   make_val_iter = lambda: pipeline.ShardsIterator(split="validation", **data_kwargs)
 
-  ckpt = TrainCheckpointer(workdir / "checkpoints", cfg, save_every=tc.checkpoint_every,
-                           keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
-  start = ckpt.latest_step()
   if start is not None:
     state = ckpt.restore(start, state, train_iter)
     logging.info("resumed from step %d", start)
   start = int(state["step"])
 
-  step_fn = make_train_step(cfg, tx, schedule, step_cfg, mesh, DEFAULT_RULES)
-  eval_step = make_eval_step(cfg, mesh, DEFAULT_RULES)
-  bsh = batch_sharding(mesh, DEFAULT_RULES)
+  step_fn = make_train_step(cfg, tx, schedule, step_cfg, mesh, rules)
+  eval_step = make_eval_step(cfg, mesh, rules)
+  bsh = batch_sharding(mesh, rules)
   flops_per_token = flops.train_flops_per_token(cfg, config.data.seq_len)
-  peak = tc.peak_tflops * 1e12 if tc.peak_tflops else flops.measure_matmul_peak() * jax.device_count()
+  peak = tc.peak_tflops * 1e12 or None  # no peak given: no MFU (a peak timed on a busy machine misleads).
   logger = MetricsLogger(workdir)
   if start == 0:
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
-    logging.info("model %s, %.2fM params, %.3g FLOPs/token, peak %.3g FLOP/s, mesh %s, tokenizer %s",
-                 cfg.family, n_params / 1e6, flops_per_token, peak, dict(mesh.shape), tokenizer_path)
+    logging.info("model %s, %.2fM params, %.3g FLOPs/token, peak %s, mesh %s, tokenizer %s",
+                 cfg.family, n_params / 1e6, flops_per_token, f"{peak:.3g} FLOP/s" if peak else "not given",
+                 dict(mesh.shape), tokenizer_path)
 
   preempt = _Preemption()
   bad_streak, skipped_total, last = 0, 0, {}
   window_tokens, window_start = 0.0, time.perf_counter()
   pending = None  # metrics of the previous step, checked one step late so that dispatch stays async.
   try:
-    stop = min(tc.steps, tc.stop_after) if tc.get("stop_after") else tc.steps
+    stop = min(tc.steps, tc.stop_after) if tc.stop_after else tc.steps
     for step in range(start, stop):
       batch = _to_global(next(train_iter), bsh)
       state, metrics = step_fn(state, batch)
@@ -240,8 +276,7 @@ def train(config, workdir: str) -> dict[str, Any]:
         if "expert_load" in metrics:  # the load histogram: each routed layer's fraction of assignments per expert.
           last["expert_load"] = np.round(np.asarray(metrics["expert_load"], np.float64), 5).tolist()
         last.update(skipped=int(metrics["skipped"]), skipped_total=skipped_total + int(metrics["skipped"]),
-                    tokens_per_s=tps,
-                    model_tflops=tps * flops_per_token / 1e12, mfu=tps * flops_per_token / peak,
+                    **throughput(tps, flops_per_token, peak),
                     tokens_seen=done * config.data.seq_len * tc.batch_size)
         if eval_due:
           last["val_loss"] = evaluate(eval_step, state["params"], make_val_iter, bsh, tc.eval_batches,
@@ -250,7 +285,8 @@ def train(config, workdir: str) -> dict[str, Any]:
           last.update(task_eval(state["params"]))
         logger.write(done, last)
         window_tokens, window_start = 0.0, time.perf_counter()
-      ckpt.save(done, state, train_iter, force=done == stop)  # and always the last step of the run.
+      if ckpt.save(done, state, train_iter, force=done == stop):  # and always the last step of the run.
+        logging.info("checkpoint of step %d saving to %s", done, ckpt.directory / str(done))
       if preempt.should_stop():
         logging.warning("SIGTERM: saving step %d and stopping", done)
         ckpt.save(done, state, train_iter, force=True)

@@ -1,12 +1,47 @@
-"""Run logs: a progress line on the terminal, a JSONL file and TensorBoard event files (process 0 only)."""
+"""Run logs: a progress line on the terminal, a JSONL file and TensorBoard event files (process 0 only), the
+throughput fields, and the console set-up of the launcher."""
 from __future__ import annotations
 
 import json
+import logging as py_logging
 import pathlib
 import sys
 from typing import Any
 
 import jax
+from absl import logging
+
+# Libraries whose info-level absl logs (orbax: one line per save, restore and cleanup) are hidden by default.
+QUIET_LIBRARIES = ("/orbax/", "/grain/")
+
+
+class _LibraryFilter(py_logging.Filter):
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or not any(lib in record.pathname for lib in QUIET_LIBRARIES)
+
+
+def console(verbose: bool = False) -> None:
+  """absl logs (progress, resume, checkpoints, evaluation) on stdout beside the progress line; the info-level
+  chatter of `QUIET_LIBRARIES` hidden unless `verbose`."""
+  handler = logging.get_absl_handler()
+  handler.python_handler.stream = sys.stdout
+  if not verbose:
+    handler.addFilter(_LibraryFilter())
+
+
+def throughput(tokens_per_s: float, flops_per_token: float, peak_flops: float | None) -> dict[str, float]:
+  """tokens/s and model TFLOP/s; MFU too when the machine's peak FLOP/s is given. An MFU above 1 means the
+  given peak is wrong: it is left out with a warning rather than logged."""
+  achieved = tokens_per_s * flops_per_token
+  out = {"tokens_per_s": tokens_per_s, "model_tflops": achieved / 1e12}
+  if peak_flops:
+    mfu = achieved / peak_flops
+    if mfu <= 1.0:
+      out["mfu"] = mfu
+    else:
+      logging.log_first_n(logging.WARNING, "model FLOP/s %.3g exceed train.peak_tflops (%.3g FLOP/s): MFU not "
+                          "logged; set the machine's real peak", 1, achieved, peak_flops)
+  return out
 
 
 class MetricsLogger:

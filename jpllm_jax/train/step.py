@@ -1,6 +1,6 @@
 """The train state and the sharded train step: micro-batch accumulation, clipping, and the NaN/spike guard.
 
-The state is a plain dict (params, opt_state, step, rng, loss_ema) so orbax saves it as it is. Parameters
+The state is a plain dict (params, opt_state, step, loss_ema) so orbax saves it as it is. Parameters
 are fp32 master weights; the forward pass runs in `ModelConfig.dtype` (bf16 on accelerators).
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from jpllm_jax.parallel.logical import Rules
 
 State = dict[str, Any]
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
+LOSS_CHUNK = 512  # tokens per chunk of the fused output head + loss (bounds the [chunk, vocab] logits).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,20 +31,19 @@ class StepConfig:
   micro_batches: int = 1  # gradient accumulation: the global batch is split into this many parts.
   spike_factor: float = 0.0  # > 0: skip a step whose loss exceeds spike_factor x the running mean.
   ema_decay: float = 0.99
-  loss_chunk: int = 512  # tokens per chunk of the fused output head + loss; 0: materialise the logits.
+  loss_chunk: int = LOSS_CHUNK  # 0: materialise the logits.
   # Mixture of experts and multi-token prediction (DeepSeek-V3's values; no effect on dense models).
   mtp_loss_coef: float = 0.3  # lambda: the MTP loss is lambda * the mean over depths of their cross-entropy.
   router_bias_rate: float = 0.001  # gamma of the auxiliary-loss-free balancing; 0 freezes the router biases.
 
 
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array, params=None) -> State:
-  rng, init_rng = jax.random.split(rng)
+  """Parameters (from `rng`, or `params` cast to the master dtype), optimizer state, step and loss EMA."""
   if params is None:
-    params = models.init(cfg, init_rng)
+    params = models.init(cfg, rng)
   params = jax.tree.map(lambda p: jnp.asarray(p, cfg.numerics.param_dtype), params)
-  # The RNG is kept as raw key data (uint32) so that checkpoints hold plain arrays.
   return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-          "rng": jax.random.key_data(rng), "loss_ema": jnp.zeros((), jnp.float32)}
+          "loss_ema": jnp.zeros((), jnp.float32)}
 
 
 def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
@@ -59,7 +59,7 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
       lambda axes: NamedSharding(mesh, logical_to_spec(axes, rules)) if axes else replicated, opt_axes,
       is_leaf=is_axes)
   return {"params": shardings(param_axes, mesh, rules), "opt_state": opt_shardings, "step": replicated,
-          "rng": replicated, "loss_ema": replicated}
+          "loss_ema": replicated}
 
 
 def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
@@ -113,7 +113,7 @@ def _loss_sums(cfg: ModelConfig, params, batch, z_loss: float, loss_chunk: int, 
 
 
 def loss_and_grads(cfg: ModelConfig, params, batch, *, z_loss: float, micro_batches: int,
-                   loss_chunk: int = 512, mtp_loss_coef: float = 0.0):
+                   loss_chunk: int = LOSS_CHUNK, mtp_loss_coef: float = 0.0):
   """Token-weighted mean loss and its gradients, accumulated over `micro_batches` in a scan."""
   grad_fn = jax.value_and_grad(functools.partial(_loss_sums, cfg, z_loss=z_loss, loss_chunk=loss_chunk,
                                                  mtp_loss_coef=mtp_loss_coef), has_aux=True)
@@ -140,7 +140,7 @@ def train_step(state: State, batch: dict[str, jax.Array], *, cfg: ModelConfig, t
   """One optimiser step. A step whose loss or gradients are not finite, or whose loss spikes, is skipped:
   parameters and optimizer state stay as they were and `skipped` is 1 in the metrics.
 
-  MoE models: the router biases (`models.moe.trainable_mask`) get no optimizer update; they move by
+  MoE models: the router biases get no optimizer update (`optimizer.make_optimizer` freezes them); they move by
   `router_bias_rate` towards balance from this step's expert load (DeepSeek-V3's auxiliary-loss-free balancing).
   """
   metrics, grads = loss_and_grads(cfg, state["params"], batch, z_loss=step_cfg.z_loss,
@@ -153,8 +153,6 @@ def train_step(state: State, batch: dict[str, jax.Array], *, cfg: ModelConfig, t
   spike = (step_cfg.spike_factor > 0) & (ema > 0) & (metrics["loss"] > step_cfg.spike_factor * ema)
   bad = ~finite | spike
   updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
-  trainable = moe.trainable_mask(updates)
-  updates = jax.tree.map(lambda u, t: u if t else jnp.zeros_like(u), updates, trainable)
   new_params = optax.apply_updates(state["params"], updates)
   if "expert_load" in metrics:
     new_params = moe.update_router_biases(new_params, metrics["expert_load"], step_cfg.router_bias_rate)
@@ -167,7 +165,6 @@ def train_step(state: State, batch: dict[str, jax.Array], *, cfg: ModelConfig, t
       "params": keep(new_params, state["params"]),
       "opt_state": keep(new_opt, state["opt_state"]),
       "step": state["step"] + 1,
-      "rng": jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])),
       "loss_ema": jnp.where(bad, ema, new_ema),
   }
   metrics.update(grad_norm=grad_norm, lr=schedule(count), skipped=bad.astype(jnp.int32),
@@ -201,7 +198,7 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule
   return jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
 
 
-def make_eval_step(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES, loss_chunk: int = 512):
+def make_eval_step(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES, loss_chunk: int = LOSS_CHUNK):
   """Jitted summed validation loss of a batch: returns (ce_sum, tokens)."""
   def evaluate(params, batch):
     with axis_rules(mesh, rules):
