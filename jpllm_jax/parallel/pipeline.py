@@ -112,7 +112,7 @@ def _device_program(stage_fn, embed_fn, loss_fn, params, shared, batches, rows, 
     if not last:
       return y, zero_h, zero_p, zero_s, zero_f, zero_f
     loss, tokens = loss_fn(sh, y, batch)
-    return zero_h, zero_h, zero_p, zero_s, loss.astype(jnp.float32), tokens.astype(jnp.float32)
+    return zero_h, zero_h, zero_p, zero_s, *_vary((loss.astype(jnp.float32), tokens.astype(jnp.float32)), axis)
 
   def backward(first, last, p, sh, batch, x, g):
     def f(p, sh, x):
