@@ -104,12 +104,6 @@ def with_defaults(config: Mapping[str, Any]) -> ml_collections.ConfigDict:
   return base
 
 
-def read_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict | None:
-  """The config a run saved in its workdir, merged onto today's defaults; None when there is none."""
-  path = pathlib.Path(workdir) / CONFIG_JSON
-  return with_defaults(json.loads(path.read_text())) if path.exists() else None
-
-
 def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   out = {}
   for k, v in tree.items():
