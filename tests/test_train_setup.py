@@ -3,21 +3,25 @@ logs of a run, and continual pre-training from an imported Hugging Face checkpoi
 from __future__ import annotations
 
 import json
+import math
 import types
 
 import jax
 import numpy as np
 import pytest
 import transformers
+from jax.extend import core as jcore
 
 from experiments.configs import default
 from jpllm_jax import checkpoint, hf, models
 from jpllm_jax.models import llama
+from jpllm_jax.models.transformer import param_kinds
 from jpllm_jax.parallel import check_model_fits_mesh, mesh_shape
 from jpllm_jax.tokenizer import mistral_v1_path
 from jpllm_jax.train import flops
 from jpllm_jax.train.loop import train
 from jpllm_jax.train.optimizer import decay_mask, lr_schedule, make_optimizer
+from jpllm_jax.train.step import loss_and_grads
 
 
 def test_schedule_warms_up_linearly_then_decays_to_ten_percent():
@@ -27,14 +31,43 @@ def test_schedule_warms_up_linearly_then_decays_to_ten_percent():
   np.testing.assert_allclose(mid, (1e-3 + 1e-4) / 2, rtol=1e-4)
 
 
-def test_weight_decay_skips_norms_and_biases():
-  cfg = models.preset("llm-jp-13b-v1", n_layers=1, d_model=64, n_heads=4, n_kv_heads=4, d_ff=128,
-                      vocab_size=128)
-  mask = decay_mask(models.param_shapes(cfg))
-  flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
-  assert flat["['embed']['embedding']"] and flat["['layers']['mlp']['up']['kernel']"]
-  assert not any(v for k, v in flat.items() if "norm" in k or "bias" in k)
-  assert any("bias" in k for k in flat)
+def _expected_label(path) -> str:
+  """The recipe read off a parameter's name, independently of its initialiser: norm scales and biases are not
+  decayed, router biases are frozen (moved by the balancing rule), every other leaf is a matrix or embedding."""
+  keys = [k.key for k in path]
+  if keys[-2:] == ["router", "bias"]:
+    return "frozen"
+  return "no_decay" if keys[-1] in ("scale", "bias") else "decay"
+
+
+@pytest.mark.parametrize("cfg", [
+    models.preset("llm-jp-13b-v1", n_layers=1, d_model=64, n_heads=4, n_kv_heads=4, d_ff=128, vocab_size=128),
+    models.preset("deepseek-v3", vocab_size=64, d_model=32, n_heads=4, d_ff=48, n_layers=2, q_lora_rank=16,
+                  kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, moe_d_ff=8,
+                  first_k_dense=1, n_experts=8, n_group=2, topk_group=1, n_experts_per_tok=2, mtp_depth=1,
+                  rope_type="default", rope_scaling=()),
+], ids=["gpt", "deepseek"])
+def test_weight_decay_skips_norms_and_biases(cfg):
+  kinds = param_kinds(cfg)
+  shapes = models.param_shapes(cfg)
+  want = {jax.tree_util.keystr(p): _expected_label(p) for p, _ in jax.tree_util.tree_leaves_with_path(shapes)}
+  mask = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(decay_mask(kinds))}
+  assert mask == {k: v == "decay" for k, v in want.items()}
+  assert {"decay", "no_decay"} <= set(want.values())  # both kinds are present in every config
+  if cfg.moe.n_experts:
+    assert list(want.values()).count("frozen") == 2  # the MoE stack's and the MTP block's router biases
+  stacked = lambda k: "['layers" in k or "['mtp']" in k  # a leading layer axis
+  for k, shape in ((jax.tree_util.keystr(p), s.shape) for p, s in jax.tree_util.tree_leaves_with_path(shapes)):
+    assert want[k] != "decay" or len(shape) - stacked(k) >= 2, (k, shape)  # decayed leaves are matrices
+  # The optimizer applies it: all-ones parameters and gradients, no clipping, lr 0.01 from step 0 and wd 0.1.
+  # Adam's first step is -lr * g / (|g| + eps) = -lr, plus -lr * wd * p where decayed; frozen leaves stay.
+  tx, _ = make_optimizer(0.01, 0, 10, kinds=kinds, clip_norm=0.0, weight_decay=0.1)
+  params = jax.tree.map(lambda s: np.ones(s.shape, np.float32), shapes)
+  updates, _ = tx.update(params, tx.init(params), params)
+  expect = {"decay": -0.011, "no_decay": -0.01, "frozen": 0.0}
+  for p, u in jax.tree_util.tree_leaves_with_path(updates):
+    np.testing.assert_allclose(np.asarray(u), expect[want[jax.tree_util.keystr(p)]], rtol=1e-6,
+                               err_msg=jax.tree_util.keystr(p))
 
 
 def test_adamw_defaults_are_the_llm_jp_recipe():
@@ -62,6 +95,53 @@ def test_config_errors_say_what_to_change():
     check_model_fits_mesh(cfg.replace(n_heads=8, n_kv_heads=8, d_model=64, vocab_size=1001), fake_mesh)
 
 
+def _subjaxprs(params):
+  for v in params.values():
+    for x in v if isinstance(v, (tuple, list)) else (v,):
+      if isinstance(x, jcore.ClosedJaxpr):
+        yield x.jaxpr
+      elif isinstance(x, jcore.Jaxpr):
+        yield x
+
+
+def _matmul_flops(jaxpr) -> int:
+  """2 x output size x contracted size of every dot_general in a jaxpr, scan bodies counted `length` times:
+  a count of what the traced program multiplies, independent of `flops.train_flops_per_token`."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+      continue
+    assert eqn.primitive.name not in ("while", "cond"), eqn.primitive.name  # no trip count / branch to count
+    inner = sum(_matmul_flops(j) for j in _subjaxprs(eqn.params))
+    total += inner * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+  return total
+
+
+def _counted_train_flops(cfg, batch: int, seq_len: int) -> int:
+  """Matmul FLOPs of the training gradient (`loss_and_grads`: forward, fused head + loss, backward)."""
+  ids = jax.ShapeDtypeStruct((batch, seq_len), np.int32)
+  data = dict(inputs=ids, targets=ids, segment_ids=ids, positions=ids,
+              weights=jax.ShapeDtypeStruct((batch, seq_len), np.float32))
+  fn = lambda p, b: loss_and_grads(cfg, p, b, z_loss=1e-4, micro_batches=1)
+  return _matmul_flops(jax.make_jaxpr(fn)(models.param_shapes(cfg), data).jaxpr)
+
+
+def test_train_flops_per_token_counts_the_matmuls_of_the_gradient():
+  cfg = llama.llama2(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=512)
+  b = 2
+  # Up to one attention block (128) the traced gradient multiplies exactly what the formula counts: 6 x matmul
+  # parameters per token (forward, dx and dw) and the full T x T scores. Non-matmul FLOPs are in neither.
+  assert _counted_train_flops(cfg, b, 32) == flops.train_flops_per_token(cfg, 32) * b * 32
+  # Longer, causal_attention skips key blocks the mask hides: 2 query blocks of 128 read 1 and 2 key blocks,
+  # 3/4 of the scores the formula (PaLM's, full T x T: model FLOPs) counts.
+  t = 256
+  attention = 6 * cfg.n_layers * cfg.attention.n_heads * 2 * cfg.dim_per_head * t * b * t
+  assert _counted_train_flops(cfg, b, t) == flops.train_flops_per_token(cfg, t) * b * t - attention / 4
+
+
 def _tiny_config(steps: int):
   c = default.get_config()
   c.data.tokenizer = mistral_v1_path()
@@ -81,9 +161,10 @@ def test_a_run_logs_every_metric_to_jsonl_and_tensorboard(tmp_path):
     for key in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "model_tflops", "mfu", "tokens_seen"):
       assert np.isfinite(r[key]), key
     np.testing.assert_allclose(r["mfu"], r["model_tflops"] / 0.5, rtol=1e-4)
-  cfg = checkpoint.load_config(tmp_path / "checkpoints")
-  np.testing.assert_allclose(records[-1]["model_tflops"],
-                             records[-1]["tokens_per_s"] * flops.train_flops_per_token(cfg, 32) / 1e12, rtol=1e-4)
+  # model_tflops is tokens/s times the FLOPs per token of the traced gradient of this run's model (batch 2,
+  # length 32: no attention block skipped); 1e-4: the rounding of the logged numbers.
+  per_token = _counted_train_flops(checkpoint.load_config(tmp_path / "checkpoints"), 2, 32) / (2 * 32)
+  np.testing.assert_allclose(records[-1]["model_tflops"], records[-1]["tokens_per_s"] * per_token / 1e12, rtol=1e-4)
   assert records[-1]["tokens_seen"] == 4 * 2 * 32
   assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
