@@ -46,6 +46,7 @@ def defaults() -> ml_collections.ConfigDict:
       stop_after=0,  # > 0: leave the loop after this step (the schedule still spans `steps`), with a checkpoint.
       max_bad_steps=5, spike_factor=step.spike_factor,
       peak_tflops=0.0,  # the machine's peak (all devices); 0: no MFU in the logs, tokens/s and TFLOP/s only.
+      consistency_every=0,  # > 0: every N steps check that replicated params and optimizer state still agree.
   ))
   c.optim = ml_collections.ConfigDict(dict(
       lr=3e-4, warmup_steps=2000, **RECIPE, z_loss=step.z_loss, router_bias_rate=step.router_bias_rate,

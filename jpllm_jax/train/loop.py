@@ -23,6 +23,7 @@ from jpllm_jax.data import pipeline
 from jpllm_jax.models.config import ModelConfig
 from jpllm_jax.models.transformer import param_kinds
 from jpllm_jax.parallel import MESH_AXES, check_model_fits_mesh, data_parallel_size, make_mesh, with_rule_overrides
+from jpllm_jax.parallel.consistency import assert_replicas_equal
 from jpllm_jax.tokenizer import load_tokenizer
 from jpllm_jax.tokenizer.train import train_sentencepiece
 from jpllm_jax.train import config as run_config
@@ -263,6 +264,8 @@ def train(config, workdir: str) -> dict[str, Any]:
         bad_streak = _check_guard(cfg, *pending, bad_streak, tc.max_bad_steps)
         skipped_total += bad_streak > 0
       pending = (step, metrics)
+      if tc.consistency_every and (step + 1) % tc.consistency_every == 0:
+        assert_replicas_equal({"params": state["params"], "opt_state": state["opt_state"]}, f"after step {step + 1}")
       window_tokens += config.data.seq_len * tc.batch_size
       done = step + 1
       eval_due = tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps)
