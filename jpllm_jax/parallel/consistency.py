@@ -58,7 +58,7 @@ def _bits(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 
 
-def _checksum(block: jax.Array) -> jax.Array:
+def checksum(block: jax.Array) -> jax.Array:
   """Two uint32 words: the sum of the bits and a position-weighted sum (wrapping), so a swap also shows."""
   bits = _bits(block).reshape(-1)
   weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
@@ -98,7 +98,7 @@ def _leaf_mismatches(path: str, x: jax.Array) -> list[Mismatch]:
   if not axes or x.size == 0:
     return []
   mesh = x.sharding.mesh
-  sums = _per_device(_checksum, x, (2,))
+  sums = _per_device(checksum, x, (2,))
   out = []
   for axis in axes:
     a = mesh.axis_names.index(axis)

@@ -28,7 +28,7 @@ from jpllm_jax.tokenizer import load_tokenizer
 from jpllm_jax.tokenizer.train import train_sentencepiece
 from jpllm_jax.train import config as run_config
 from jpllm_jax.train import flops
-from jpllm_jax.train.checkpointing import TrainCheckpointer
+from jpllm_jax.train.checkpointing import TrainCheckpointer, WorkdirLock
 from jpllm_jax.train.metrics import MetricsLogger, throughput
 from jpllm_jax.train.optimizer import make_optimizer
 from jpllm_jax.train.step import (BATCH_KEYS, StepConfig, batch_sharding, init_state, make_eval_step,
@@ -205,6 +205,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     sp, tokenizer_path = prepare_tokenizer(config, workdir)
     cfg, hf_params = build_model_config(config, sp.vocab_size())
     check_model_fits_mesh(cfg, mesh, rules)
+    lock = WorkdirLock(workdir)
     ckpt = TrainCheckpointer(workdir / "checkpoints", cfg, save_every=tc.checkpoint_every,
                              keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
   except ValueError as e:  # one line for the launcher: a setting to change, not a bug.
@@ -244,7 +245,7 @@ def train(config, workdir: str) -> dict[str, Any]:
   bsh = batch_sharding(mesh, rules)
   flops_per_token = flops.train_flops_per_token(cfg, config.data.seq_len)
   peak = tc.peak_tflops * 1e12 or None  # no peak given: no MFU (a peak timed on a busy machine misleads).
-  logger = MetricsLogger(workdir)
+  logger = MetricsLogger(workdir, resume_step=start)
   if start == 0:
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
     logging.info("model %s, %.2fM params, %.3g FLOPs/token, peak %s, mesh %s, tokenizer %s",
@@ -298,8 +299,11 @@ def train(config, workdir: str) -> dict[str, Any]:
       _check_guard(cfg, *pending, bad_streak, tc.max_bad_steps)
   finally:
     preempt.restore()
-    ckpt.close()
-    logger.close()
+    try:
+      ckpt.close()
+    finally:
+      logger.close()
+      lock.release()
   return last
 
 

@@ -45,15 +45,20 @@ def throughput(tokens_per_s: float, flops_per_token: float, peak_flops: float | 
 
 
 class MetricsLogger:
-  """Writes each record to `<workdir>/metrics.jsonl`, TensorBoard (`<workdir>/tb`) and stdout."""
+  """Writes each record to `<workdir>/metrics.jsonl`, TensorBoard (`<workdir>/tb`) and stdout.
 
-  def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = True):
+  `resume_step`: the step a resumed run restarts from; records logged past it by the run that died are dropped,
+  so that metrics.jsonl keeps one record per step."""
+
+  def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = True, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0
     self._tb = None
     if not self.enabled:
       return
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if resume_step is not None:
+      drop_after(workdir / "metrics.jsonl", resume_step)
     self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
     if tensorboard:
       from tensorboardX import SummaryWriter
@@ -78,6 +83,27 @@ class MetricsLogger:
     self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def drop_after(path: pathlib.Path, step: int) -> int:
+  """Removes the records with a step above `step` from a metrics.jsonl (rewritten atomically); returns how many.
+  A torn last line (a crash mid-write) is dropped too."""
+  if not path.exists():
+    return 0
+  kept, dropped = [], 0
+  for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+      keep = int(json.loads(line)["step"]) <= step
+    except (ValueError, KeyError, TypeError):
+      keep = False
+    kept += [line] if keep else []
+    dropped += not keep
+  if dropped:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+    tmp.replace(path)
+    logging.info("metrics.jsonl: %d records past the resumed step %d dropped", dropped, step)
+  return dropped
 
 
 def _plain(v):
