@@ -15,6 +15,10 @@ name and renamed, so a crash never leaves a half-written file that looks finishe
 `<out>/stats.json` has, per stage, documents in, kept and dropped by reason; every input record is
 accounted for: each stage's `in` is the previous stage's `kept`, and `in == kept + sum(dropped)`.
 
+Inputs are fingerprinted in `<out>/work/inputs.json` (path, size and mtime of each input, and the config):
+a re-run whose inputs or config changed recomputes what depends on them (the filter of each changed shard, the
+duplicate mask and every output shard, since "first seen" moves) instead of reusing stale state.
+
 Executors: "local" (a process pool, one process per shard) and "ray" (the same functions as Ray tasks,
 on a cluster or a local Ray instance).
 """
@@ -27,6 +31,7 @@ import io
 import json
 import os
 import pathlib
+import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -295,6 +300,45 @@ def finalize_shard(index: int, path: str, out_dir: str, duplicates: np.ndarray,
   return result
 
 
+# ------------------------------------------------------------------------------------- input changes
+def _fingerprint(paths: Sequence[str], config: CorpusConfig) -> dict[str, Any]:
+  shards = {}
+  for i, p in enumerate(paths):
+    st = os.stat(p)
+    shards[shard_name(i, p)] = {"path": os.path.abspath(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+  return {"shards": shards, "config": json.loads(json.dumps(dataclasses.asdict(config)))}
+
+
+def invalidate_changed(out: pathlib.Path, paths: Sequence[str], config: CorpusConfig) -> list[str]:
+  """Deletes the work and output files that depend on inputs (or a config) that changed since the state in
+  `out` was made, then records the current inputs; returns the changes ("added x", ...) it found."""
+  work = out / WORK
+  manifest = work / "inputs.json"
+  new = _fingerprint(paths, config)
+  old = json.loads(manifest.read_text()) if manifest.exists() else None
+  if old is None and not any(work.glob("*.filter.json")):
+    old = new  # a fresh output directory.
+  if old is None:
+    old = {"shards": {}, "config": None}  # state of an older version: nothing in it can be trusted.
+  if old != new:
+    changed = sorted(n for n in old["shards"].keys() | new["shards"].keys()
+                     if old["shards"].get(n) != new["shards"].get(n) or old["config"] != new["config"])
+    kinds = [("added" if n not in old["shards"] else "removed" if n not in new["shards"] else "changed") + " " + n
+             for n in changed]
+    logging.warning("%s: inputs changed since its last run (%s%s): recomputing what depends on them", out,
+                    ", ".join(kinds[:5]) + (f", ... {len(kinds)} in all" if len(kinds) > 5 else ""),
+                    "; config changed" if old["config"] != new["config"] else "")
+    stale = [work / "duplicates.npy", *work.glob("*.final.json"), *out.glob("*.jsonl.zst"), out / "stats.json"]
+    for name in changed:
+      stale += [work / f"{name}.filter.json", *work.glob(f"{name}.candidates.*"), *work.glob(f"{name}.bands*")]
+    for path in stale:
+      shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+  else:
+    kinds = []
+  _atomic_write(manifest, json.dumps(new, indent=1).encode())
+  return kinds
+
+
 # ------------------------------------------------------------------------------------------- executors
 def _local_map(fn: Callable, args: Sequence[tuple], workers: int) -> list:
   if workers <= 1 or len(args) <= 1:
@@ -325,6 +369,7 @@ def run(inputs: str | Sequence[str], out_dir: str, config: CorpusConfig = Corpus
   paths = expand_inputs(inputs)
   out = pathlib.Path(out_dir)
   (out / WORK).mkdir(parents=True, exist_ok=True)
+  invalidate_changed(out, paths, config)
   t0 = time.perf_counter()
 
   filtered = pmap(filter_shard, [(i, p, str(out), config) for i, p in enumerate(paths)], workers)
@@ -342,6 +387,9 @@ def run(inputs: str | Sequence[str], out_dir: str, config: CorpusConfig = Corpus
     _atomic_write(dup_path, buf.getvalue())
   counts = [r["stats"]["ng"]["kept"] for r in filtered]
   offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+  if len(duplicates) != offsets[-1]:  # never apply another input set's mask.
+    raise RuntimeError(f"{dup_path} marks {len(duplicates)} documents but the shards hold {offsets[-1]}; "
+                       "delete it to recompute the deduplication")
   t2 = time.perf_counter()
   finals = pmap(finalize_shard, [(i, p, str(out), duplicates[offsets[i]:offsets[i + 1]], config)
                                  for i, p in enumerate(paths)], workers)

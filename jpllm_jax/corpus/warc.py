@@ -284,6 +284,9 @@ def _segment_records(stream, keep, parse_http: bool, is_member: bool, seg: _Segm
 
 def _iter_records(path: str, stats: collections.Counter, keep, parse_http: bool) -> Iterator[_Record]:
   """The intact records of an archive; counts each damaged region once under "skip_truncated"."""
+  if os.path.getsize(path) == 0:
+    logging.warning("%s: empty file (0 bytes), no records", path)
+    return
   with open(path, "rb") as f:
     head = f.read(5)
     f.seek(0)

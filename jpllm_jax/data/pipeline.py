@@ -47,7 +47,7 @@ import jax
 import numpy as np
 import sentencepiece as spm
 
-from jpllm_jax.data.jsonl import JsonlSource, _paths
+from jpllm_jax.data.jsonl import STAT_KEYS, JsonlSource, _paths
 from jpllm_jax.data.token_shards import TokenSource, is_token_dir
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
@@ -89,6 +89,21 @@ def open_source(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> Jsonl
     st = os.stat(p)
     key.append((os.path.abspath(p), st.st_size, st.st_mtime_ns))
   return _indexed(tuple(key))
+
+
+def _skipped(stats: dict[str, int]) -> dict[str, int]:
+  return {k: v for k, v in stats.items() if k.startswith("skipped_") and v}
+
+
+def source_stats(sources: SourceSpec | Sequence[SourceSpec]) -> dict[str, int]:
+  """Lines read and skipped (by reason) over the JSONL sources, as `data_<key>` log fields: bad lines are
+  skipped with a warning naming file and line, and these totals go to metrics.jsonl."""
+  total = dict.fromkeys(STAT_KEYS, 0)
+  for paths, _ in normalize_sources(sources):
+    source = open_source(paths)
+    for k in STAT_KEYS:
+      total[k] += getattr(source, "stats", {}).get(k, 0)
+  return {f"data_{k}": v for k, v in total.items()}
 
 
 def split_indices(source: JsonlSource, split: str, val_fraction: float) -> np.ndarray:
@@ -133,6 +148,9 @@ def documents(sources: SourceSpec | Sequence[SourceSpec], *, split: str = "train
   parts, weights = [], []
   for k, (paths, weight) in enumerate(normalize_sources(sources)):
     source = open_source(paths)
+    if len(source) == 0:
+      raise ValueError(f"data source {', '.join(paths)} has no documents"
+                       + (f" (lines skipped: {_skipped(source.stats)})" if _skipped(source.stats) else " (empty)"))
     ds = grain.MapDataset.source(source.subset(split_indices(source, split, val_fraction)))
     ds = ds[shard_index::shard_count]
     if len(ds) == 0:

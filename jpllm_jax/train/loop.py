@@ -234,6 +234,7 @@ def train(config, workdir: str) -> dict[str, Any]:
                      shards=pipeline.local_shards(shard_count), shard_count=shard_count)
   train_iter = pipeline.ShardsIterator(split="train", **data_kwargs)
   make_val_iter = lambda: pipeline.ShardsIterator(split="validation", **data_kwargs)
+  data_counts = pipeline.source_stats(data_kwargs["sources"])  # bad lines skipped, logged with every record.
 
   if start is not None:
     state = ckpt.restore(start, state, train_iter)
@@ -281,7 +282,7 @@ def train(config, workdir: str) -> dict[str, Any]:
           last["expert_load"] = np.round(np.asarray(metrics["expert_load"], np.float64), 5).tolist()
         last.update(skipped=int(metrics["skipped"]), skipped_total=skipped_total + int(metrics["skipped"]),
                     **throughput(tps, flops_per_token, peak),
-                    tokens_seen=done * config.data.seq_len * tc.batch_size)
+                    tokens_seen=done * config.data.seq_len * tc.batch_size, **data_counts)
         if eval_due:
           last["val_loss"] = evaluate(eval_step, state["params"], make_val_iter, bsh, tc.eval_batches,
                                       (local_batch, config.data.seq_len))
