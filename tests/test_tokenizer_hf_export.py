@@ -51,21 +51,22 @@ def test_exported_tokenizer_encodes_what_training_feeds(which, expanded, tmp_pat
   for text in texts:
     fed = pipeline_ids({"text": text}).tolist()
     assert fed[0] == sp.bos_id() and fed[-1] == sp.eos_id()
-    assert tok(text)["input_ids"] == fed, text[:80]
+    assert tok(text)["input_ids"] + [sp.eos_id()] == fed, text[:80]  # the pipeline's EOS ends the document
     assert tok(text, add_special_tokens=False)["input_ids"] == sp.encode(text) == fed[1:-1], text[:80]
   config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-  assert config["add_bos_token"] is True and config["add_eos_token"] is True
+  assert config["add_bos_token"] is True and config["add_eos_token"] is False
   assert (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (sp.bos_id(), sp.eos_id(), sp.unk_id())
   assert tok.decode(tok(texts[0])["input_ids"], skip_special_tokens=True) == texts[0]
   post = json.loads((tmp_path / "tokenizer.json").read_text())["post_processor"]
-  assert [p.get("SpecialToken", {}).get("id") for p in post["single"]] == ["<s>", None, "</s>"]
+  assert [p.get("SpecialToken", {}).get("id") for p in post["single"]] == ["<s>", None]
 
 
-def test_export_without_special_tokens(expanded, tmp_path):
-  export_hf(expanded, str(tmp_path), add_bos_token=True, add_eos_token=False)
+def test_export_with_eos_gives_the_pipelines_whole_document(expanded, tmp_path):
+  export_hf(expanded, str(tmp_path), add_bos_token=True, add_eos_token=True)
   tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
   sp = spm.SentencePieceProcessor(model_file=expanded)
-  assert tok("東京タワー")["input_ids"] == sp.encode("東京タワー", add_bos=True)
+  assert tok("東京タワー")["input_ids"] == _Tokenize(sp)({"text": "東京タワー"}).tolist()
+  assert tok("東京タワー")["input_ids"] == sp.encode("東京タワー", add_bos=True, add_eos=True)
 
 
 def _base_hf_dir(path, vocab_size: int):

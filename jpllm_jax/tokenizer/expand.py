@@ -189,13 +189,15 @@ def build_hf_tokenizer(model_path: str):
   return tk
 
 
-def export_hf(model_path: str, output_dir: str, *, add_bos_token: bool = True, add_eos_token: bool = True) -> str:
+def export_hf(model_path: str, output_dir: str, *, add_bos_token: bool = True, add_eos_token: bool = False) -> str:
   """Writes `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json`; returns `output_dir`.
 
-  The defaults encode what training feeds the model: `encode(text)` is `[bos] + sp.encode(text) + [eos]`, one
-  document of the data pipeline (`jpllm_jax.data.pipeline`), and `encode(text, add_special_tokens=False)` is
-  `sp.encode(text)`. `add_bos_token` / `add_eos_token` False drop either (the post-processor in tokenizer.json
-  and the flags in tokenizer_config.json agree). Caveat: the HF tokenizer matches the control pieces (`<s>`,
+  The defaults encode a document as training starts it: `encode(text)` is `[bos] + sp.encode(text)`, and the
+  data pipeline (`jpllm_jax.data.pipeline`) feeds exactly that followed by the `[eos]` that ends the document;
+  `encode(text, add_special_tokens=False)` is `sp.encode(text)`. EOS is not appended by default, as in the Llama
+  and Mistral tokenizers: a prompt ending in `</s>` would tell the model that the document is over (generation,
+  vLLM, lm-evaluation-harness contexts). `add_eos_token=True` gives the pipeline's whole document; the
+  post-processor in tokenizer.json and the flags in tokenizer_config.json agree. Caveat: the HF tokenizer matches the control pieces (`<s>`,
   `</s>`, `<unk>`) as special tokens when they occur literally in text, which SentencePiece does not do; pass
   `split_special_tokens=True` to the HF tokenizer to encode them as text.
   """
