@@ -93,16 +93,18 @@ def test_corpus_rerun_after_adding_an_input_recomputes_the_deduplication(tmp_pat
   out = tmp_path / "out"
   first = corpus.run(str(inputs / "*.warc.gz"), str(out), workers=1)
   assert first["stages"]["dedup"]["dropped"].get("minhash_duplicate", 0) > 0
-  shutil.copy(WARCS / "ja_pages.warc.gz", inputs / "000-added.warc.gz")  # sorts first: every index moves.
+  synthetic.make_crawl_shards(paragraphs, 30, str(tmp_path / "more"), 1, seed=2)
+  shutil.copy(tmp_path / "more" / "00000.warc.gz", inputs / "000-added.warc.gz")  # sorts first: indices move.
   second = corpus.run(str(inputs / "*.warc.gz"), str(out), workers=1)
   fresh = corpus.run(str(inputs / "*.warc.gz"), str(tmp_path / "fresh"), workers=1)
-  assert any("inputs changed since its last run (added 00000-000-added" in w for w in warnings), warnings
   for key in ("records", "documents", "stages"):
     assert second[key] == fresh[key], key
   got = {f.name: list(corpus.read_jsonl_zst(f)) for f in sorted(out.glob("*.jsonl.zst"))}
   want = {f.name: list(corpus.read_jsonl_zst(f)) for f in sorted((tmp_path / "fresh").glob("*.jsonl.zst"))}
   assert got == want
+  assert any("inputs changed since its last run (added 00000-000-added" in w for w in warnings), warnings
   n = second["stages"]["dedup"]["in"]
+  assert n > first["stages"]["dedup"]["in"]
   assert len(np.load(out / "work" / "duplicates.npy")) == n
   # Touching an input (same name, new content) also invalidates it.
   warnings.clear()
