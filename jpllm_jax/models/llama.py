@@ -25,4 +25,28 @@ def llama3(**overrides: Any) -> ModelConfig:
   return make(make(**base), **overrides)
 
 
-PRESETS = {"llama2-7b": llama2, "llama3-8b": llama3}
+SWALLOW_VOCAB = 43176  # Swallow's Llama 2 vocabulary expanded with Japanese pieces (tokyotech-llm/Swallow-7b-hf).
+LLAMA2_13B = dict(d_model=5120, n_layers=40, n_heads=40, n_kv_heads=40, d_ff=13824)  # meta-llama/Llama-2-13b-hf
+LLAMA_70B = dict(d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28672)  # Llama-2-70b-hf, Meta-Llama-3-70B
+
+
+def llm_jp_3_172b(**overrides: Any) -> ModelConfig:
+  """LLM-jp-3 172B (llm-jp/llm-jp-3-172b): the Llama 2 block at 96 layers x 12288, 96 heads in 16 key/value
+  groups, FFN 38464, vocabulary 99,487, 4k context; the model card lists 2,444,992,512 embedding and
+  169,947,181,056 other parameters."""
+  return llama2(**{**dict(vocab_size=99487, d_model=12288, n_layers=96, n_heads=96, n_kv_heads=16, d_ff=38464),
+                   **overrides})
+
+
+# Each entry: the published architecture (HF config.json of the named checkpoint).
+PRESETS = {
+    "llama2-7b": llama2,
+    "llama2-13b": lambda **o: llama2(**{**LLAMA2_13B, **o}),
+    "llama2-70b": lambda **o: llama2(**{**LLAMA_70B, **o}),
+    "swallow-llama2-7b": lambda **o: llama2(**{"vocab_size": SWALLOW_VOCAB, **o}),
+    "swallow-llama2-13b": lambda **o: llama2(**{**LLAMA2_13B, "vocab_size": SWALLOW_VOCAB, **o}),
+    "swallow-llama2-70b": lambda **o: llama2(**{**LLAMA_70B, "vocab_size": SWALLOW_VOCAB, **o}),
+    "llama3-8b": llama3,
+    "llama3-70b": lambda **o: llama3(**{**LLAMA_70B, **o}),
+    "llm-jp-3-172b": llm_jp_3_172b,
+}

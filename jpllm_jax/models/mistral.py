@@ -14,4 +14,6 @@ def mistral(**overrides: Any) -> ModelConfig:
   return make(make(**base), **overrides)
 
 
-PRESETS = {"mistral-7b": mistral}
+# Swallow-MS 7B (tokyotech-llm/Swallow-MS-7b-v0.1): Mistral 7B with the vocabulary expanded to 42,800 pieces.
+PRESETS = {"mistral-7b": mistral,
+           "swallow-mistral-7b": lambda **o: mistral(**{"vocab_size": 42800, **o})}

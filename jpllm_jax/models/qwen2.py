@@ -14,4 +14,7 @@ def qwen2(**overrides: Any) -> ModelConfig:
   return make(make(**base), **overrides)
 
 
-PRESETS = {"qwen2-7b": qwen2}
+# Qwen2-72B (Qwen/Qwen2-72B config.json): 80 layers x 8192, 64 heads in 8 key/value groups, FFN 29568, untied.
+PRESETS = {"qwen2-7b": qwen2,
+           "qwen2-72b": lambda **o: qwen2(**{**dict(d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                                                    d_ff=29568), **o})}
