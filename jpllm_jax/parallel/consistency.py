@@ -65,13 +65,22 @@ def checksum(block: jax.Array) -> jax.Array:
   return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
 
 
-def _per_device(fn, x: jax.Array, tail: tuple[int, ...]):
-  """`fn(own block)` on every device, as a host array of shape mesh.shape + tail."""
-  mesh, spec = x.sharding.mesh, x.sharding.spec
+@functools.lru_cache(maxsize=256)
+def _program(mesh, spec: PartitionSpec, axis: str | None):
+  """The jitted per-device checksum (`axis` None) or diff-along-`axis` program, built once per layout."""
   ones = (1,) * len(mesh.axis_names)
-  body = lambda b: fn(b).reshape(ones + tail)
-  out = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec,), out_specs=PartitionSpec(*mesh.axis_names),
-                              check_vma=False))(x)
+  if axis is None:
+    body = lambda b: checksum(b).reshape(ones + (2,))
+  else:
+    body = lambda b: _diffs(b, axis).reshape(ones + (mesh.shape[axis],))
+  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec,), out_specs=PartitionSpec(*mesh.axis_names),
+                               check_vma=False))
+
+
+def _per_device(x: jax.Array, axis: str | None = None) -> np.ndarray:
+  """Each device's checksum of its own block (`axis` None: mesh.shape + (2,)) or its max abs diff to every
+  member of its line along `axis` (mesh.shape + (n,)), as a host array."""
+  out = _program(x.sharding.mesh, x.sharding.spec, axis)(x)
   if jax.process_count() > 1:
     return np.asarray(multihost_utils.process_allgather(out, tiled=True))
   return np.asarray(out)
@@ -98,7 +107,7 @@ def _leaf_mismatches(path: str, x: jax.Array) -> list[Mismatch]:
   if not axes or x.size == 0:
     return []
   mesh = x.sharding.mesh
-  sums = _per_device(checksum, x, (2,))
+  sums = _per_device(x)
   out = []
   for axis in axes:
     a = mesh.axis_names.index(axis)
@@ -112,7 +121,7 @@ def _leaf_mismatches(path: str, x: jax.Array) -> list[Mismatch]:
       ref = next(i for i, w in enumerate(words) if counts[w] == top)  # the majority; a tie: the first member.
       bad = [i for i, w in enumerate(words) if w != words[ref]]
       if diffs is None:
-        diffs = _per_device(functools.partial(_diffs, axis=axis), x, (mesh.shape[axis],))
+        diffs = _per_device(x, axis)
       devices = mesh.devices[line]
       out.append(Mismatch(path, axis, tuple(int(devices[i].id) for i in bad),
                           float(max(diffs[line][i][ref] for i in bad))))
