@@ -33,12 +33,17 @@ def checkpoint_steps(workdir: str | pathlib.Path) -> list[int]:
   return sorted(ocp.utils.checkpoint_steps(checkpoint_dir(workdir)))
 
 
+WORKDIR_TOKENIZER = pathlib.Path("tokenizer") / "tokenizer.model"  # with the HF tokenizer files beside it.
+
+
 def workdir_tokenizer(workdir: str | pathlib.Path) -> pathlib.Path:
-  """The tokenizer of a training run: the one trained into the workdir, else the file its config names."""
+  """The tokenizer a training run trained with: the copy every run keeps in <workdir>/tokenizer/, so evaluation
+  and export never depend on an outside path. Older runs: their trained spm.model, else the file config.json
+  names."""
   workdir = pathlib.Path(workdir)
-  trained = workdir / "tokenizer" / "spm.model"
-  if trained.exists():
-    return trained
+  for kept in (workdir / WORKDIR_TOKENIZER, workdir / "tokenizer" / "spm.model"):
+    if kept.exists():
+      return kept
   config_file = workdir / "config.json"
   if config_file.exists():
     named = json.loads(config_file.read_text()).get("data", {}).get("tokenizer")

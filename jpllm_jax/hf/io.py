@@ -81,7 +81,8 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = None) -> tuple[ModelCo
 
 
 def save_pretrained(config: ModelConfig, params: dict[str, Any], path: str | os.PathLike, dtype: Any = None,
-                    max_shard_size: int | str = "5GB", token_ids: dict[str, int] | None = None) -> None:
+                    max_shard_size: int | str = "5GB", token_ids: dict[str, int] | None = None,
+                    tokenizer: str | os.PathLike | None = None) -> None:
   """Writes an HF checkpoint directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
   `dtype` is the stored dtype (None: `config.numerics.param_dtype`; the DeepSeek-V3 router is stored in float32, as
@@ -90,8 +91,14 @@ def save_pretrained(config: ModelConfig, params: dict[str, Any], path: str | os.
   modules (`params["mtp"]`) are written as layers `num_hidden_layers + k`, as DeepSeek publishes them. Raises
   ValueError for options HF cannot represent (`scale_embedding`, ...). `token_ids` (the tokenizer's
   `bos_token_id`, `eos_token_id`, `pad_token_id`) go into config.json and a generation_config.json.
+  `tokenizer` (a SentencePiece .model) makes the directory complete: its special ids are the default `token_ids`,
+  and tokenizer.model with the HF tokenizer files (`tokenizer.hf_model.write_tokenizer_files`) are written, so
+  transformers, vLLM and lm-evaluation-harness load the directory as it is.
   """
   path = pathlib.Path(path)
+  if tokenizer is not None and token_ids is None:
+    from jpllm_jax.tokenizer import load_tokenizer, special_token_ids
+    token_ids = special_token_ids(load_tokenizer(os.fspath(tokenizer)))
   dtype = jnp.dtype(config.numerics.param_dtype if dtype is None else dtype)
   hf_config = {**mapping.config_to_hf(config, dtype.name), **(token_ids or {})}
   flat = traverse_util.flatten_dict(params, sep=".")
@@ -125,6 +132,9 @@ def save_pretrained(config: ModelConfig, params: dict[str, Any], path: str | os.
   (path / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
   if token_ids:
     (path / "generation_config.json").write_text(json.dumps(token_ids, indent=2, sort_keys=True) + "\n")
+  if tokenizer is not None:
+    from jpllm_jax.tokenizer.hf_model import write_tokenizer_files  # it imports this module.
+    write_tokenizer_files(os.fspath(tokenizer), path)
 
 
 def _stored_dtypes(files: list[pathlib.Path]) -> dict[str, str]:

@@ -34,6 +34,11 @@ def defaults() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()  # ModelConfig fields; vocab_size 0: the tokenizer's, padded below.
   c.model_vocab_multiple = 128
   c.init_from_hf = ""  # continual pre-training: an HF directory whose architecture replaces `model`.
+  # With init_from_hf: learn up to N Japanese pieces on its tokenizer and grow the embedding and head (0: off),
+  # from `expand_vocab_from` (comma-separated JSONL files; empty: the data sources).
+  c.expand_vocab = 0
+  c.expand_vocab_from = ""
+  c.export_hf = ""  # a directory: the final params as a complete HF model (weights, configs, tokenizer).
   c.data = ml_collections.ConfigDict(dict(
       sources="",  # comma-separated `path[=weight]` sources, mixed by weight.
       tokenizer="",  # a SentencePiece .model; empty: train one into <workdir>/tokenizer.

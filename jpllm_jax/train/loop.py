@@ -5,10 +5,13 @@ many hosts (each process feeds its shard of the global batch).
 """
 from __future__ import annotations
 
+import filecmp
 import functools
+import itertools
 import math
 import os
 import pathlib
+import shutil
 import signal
 import time
 from typing import Any
@@ -20,12 +23,13 @@ from jax.experimental import multihost_utils
 
 from jpllm_jax import eval as jeval
 from jpllm_jax.data import pipeline
+from jpllm_jax.eval.loading import WORKDIR_TOKENIZER
 from jpllm_jax.models.config import ModelConfig
 from jpllm_jax.models.transformer import param_kinds
 from jpllm_jax.parallel import MESH_AXES, check_model_fits_mesh, data_parallel_size, make_mesh, with_rule_overrides
 from jpllm_jax.parallel.consistency import assert_replicas_equal
 from jpllm_jax.tokenizer import load_tokenizer
-from jpllm_jax.tokenizer.train import train_sentencepiece
+from jpllm_jax.tokenizer.train import corpus_texts, train_sentencepiece
 from jpllm_jax.train import config as run_config
 from jpllm_jax.train import flops
 from jpllm_jax.train.checkpointing import TrainCheckpointer, WorkdirLock
@@ -56,38 +60,116 @@ def parse_sources(spec: str) -> list[tuple[list[str], float]]:
   return sources
 
 
-def prepare_tokenizer(config, workdir: pathlib.Path):
-  """The configured SentencePiece model, or one trained by process 0 on the source files (validation
-  documents included: the split is by document inside the files) into <workdir>/tokenizer."""
-  if config.data.tokenizer:
-    return load_tokenizer(config.data.tokenizer), config.data.tokenizer
-  out = workdir / "tokenizer" / "spm"
-  path = str(out) + ".model"
-  if jax.process_index() == 0 and not os.path.exists(path):
-    out.parent.mkdir(parents=True, exist_ok=True)
+def _is_hf_exportable(path: str) -> bool:
+  """Whether `tokenizer.expand.export_hf` can write HF files for the model (BPE, identity normalisation)."""
+  from sentencepiece import sentencepiece_model_pb2 as pb
+  proto = pb.ModelProto()
+  with open(path, "rb") as f:
+    proto.ParseFromString(f.read())
+  norm = proto.normalizer_spec
+  return (proto.trainer_spec.model_type == pb.TrainerSpec.BPE and norm.name in ("identity", "")
+          and not norm.remove_extra_whitespaces)
+
+
+def _base_tokenizer(config) -> str:
+  """The tokenizer a continual pre-training run starts from: data.tokenizer, else the HF model's own."""
+  from jpllm_jax.tokenizer.hf_model import base_tokenizer_of
+  return config.data.tokenizer or base_tokenizer_of(config.init_from_hf)
+
+
+def _expand_files(config) -> list[str]:
+  if config.expand_vocab_from:
+    return [p.strip() for p in config.expand_vocab_from.split(",") if p.strip()]
+  return [p for paths, _ in parse_sources(config.data.sources) for p in paths]
+
+
+def _learn_vocab_size(files: list[str], add: int, sample_docs: int = 200_000) -> int:
+  """Size of the Japanese BPE model the pieces are chosen from: the corpus's distinct characters (SentencePiece
+  needs a piece for each; sampled from the first `sample_docs` documents) plus twice the pieces wanted (many
+  learned pieces are already in the base)."""
+  chars = set()
+  for text in itertools.islice(corpus_texts(files), sample_docs):
+    chars.update(text)
+  return len(chars) + 2 * add + 16
+
+
+def _make_tokenizer(config, out: pathlib.Path) -> None:
+  """Writes the run's tokenizer.model (and its HF files where it is BPE) into `out`: N pieces learned on the
+  base (`expand_vocab`), a copy of data.tokenizer or of the HF model's tokenizer, or one trained on the sources."""
+  from jpllm_jax.tokenizer.expand import expand_vocabulary, export_hf
+  out.mkdir(parents=True)
+  target = out / WORKDIR_TOKENIZER.name
+  if config.expand_vocab:
+    base, files = _base_tokenizer(config), _expand_files(config)
+    logging.info("learning %d Japanese pieces on %s from %s", config.expand_vocab, base, files)
+    expand_vocabulary(base, files, config.expand_vocab, str(out),
+                      learn_vocab_size=_learn_vocab_size(files, config.expand_vocab))
+  elif config.data.tokenizer or config.init_from_hf:
+    shutil.copyfile(config.data.tokenizer or _base_tokenizer(config), target)
+  else:
     files = [p for paths, _ in parse_sources(config.data.sources) for p in paths]
     logging.info("training a %d-piece tokenizer on %s", config.data.tokenizer_vocab_size, files)
-    train_sentencepiece(files, str(out), config.data.tokenizer_vocab_size)
+    trained = train_sentencepiece(files, str(out / "spm"), config.data.tokenizer_vocab_size)
+    os.replace(trained, target)
+  if _is_hf_exportable(str(target)):
+    export_hf(str(target), str(out))
+
+
+def prepare_tokenizer(config, workdir: pathlib.Path):
+  """The run's SentencePiece model, kept in <workdir>/tokenizer/ (tokenizer.model and, for BPE models, the HF
+  tokenizer files) so that evaluation and export read the workdir alone. Process 0 makes it once (into a
+  temporary folder renamed when complete); the others wait. A resumed run reuses it: nothing is re-learned."""
+  path = workdir / WORKDIR_TOKENIZER
+  legacy = workdir / "tokenizer" / "spm.model"  # runs from before the copy was kept under one name.
+  if legacy.exists() and not path.exists():
+    return load_tokenizer(str(legacy)), str(legacy)
+  if jax.process_index() == 0 and not path.exists():
+    partial = workdir / "tokenizer.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    _make_tokenizer(config, partial)
+    shutil.rmtree(path.parent, ignore_errors=True)
+    os.replace(partial, path.parent)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("tokenizer")
-  return load_tokenizer(path), path
+  if config.data.tokenizer and not config.expand_vocab and not filecmp.cmp(config.data.tokenizer, path, False):
+    raise ValueError(f"data.tokenizer {config.data.tokenizer} differs from the tokenizer this run trained with "
+                     f"({path}); start a new workdir for a new tokenizer")
+  return load_tokenizer(str(path)), str(path)
 
 
-def build_model_config(config, vocab_size: int) -> tuple[ModelConfig, Any]:
-  """The ModelConfig (and HF params for continual pre-training) for this run."""
+def build_model_config(config, vocab_size: int, tokenizer_path: str = "") -> tuple[ModelConfig, Any]:
+  """The ModelConfig (and HF params for continual pre-training) for this run. With `expand_vocab` the HF
+  embedding and head grow to the run's tokenizer: base rows kept, each new row the mean of the rows of the
+  base pieces it splits into (Swallow), padded to a multiple of `model_vocab_multiple`."""
   if config.init_from_hf:
     from jpllm_jax import hf
+    from jpllm_jax.models import vocab
     cfg, params = hf.load_pretrained(config.init_from_hf, dtype=config.model.param_dtype)
     cfg = cfg.replace(dtype=config.model.dtype, remat=config.model.remat)
+    if config.expand_vocab:
+      n_base, rows = vocab.expansion_rows(_base_tokenizer(config), tokenizer_path)
+      cfg, params = vocab.expand_embeddings(cfg, params, n_base + len(rows), rows, base_vocab_size=n_base,
+                                            pad_multiple=config.model_vocab_multiple)
+      logging.info("vocabulary grown from %d to %d pieces (%d rows with padding)", n_base, n_base + len(rows),
+                   cfg.vocab_size)
     if cfg.vocab_size < vocab_size:
       raise ValueError(f"the tokenizer has {vocab_size} pieces but the HF model only {cfg.vocab_size} rows; "
-                       "expand the model's vocabulary first")
+                       "expand the model's vocabulary (config.expand_vocab=N)")
     return cfg, params
   fields = dict(config.model)
   if not fields.get("vocab_size"):
     m = config.model_vocab_multiple
     fields["vocab_size"] = int(math.ceil(vocab_size / m) * m)
   return ModelConfig.from_dict(fields), None
+
+
+def export_final(cfg: ModelConfig, params, tokenizer_path: str, directory: str) -> None:
+  """The run's params as a complete HF directory (weights, config, generation config, tokenizer files)."""
+  from jpllm_jax import hf
+  params = multihost_utils.process_allgather(params) if jax.process_count() > 1 else jax.device_get(params)
+  if jax.process_index() == 0:
+    hf.save_pretrained(cfg, params, directory, tokenizer=tokenizer_path)
+    logging.info("exported the final params as an HF model to %s", directory)
 
 
 def _to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
@@ -178,6 +260,13 @@ def check_launch(config):
     raise FileNotFoundError(f"data.tokenizer {config.data.tokenizer} does not exist")
   if config.init_from_hf and not os.path.isdir(config.init_from_hf):
     raise FileNotFoundError(f"init_from_hf {config.init_from_hf} is not a directory")
+  if config.expand_vocab:
+    if not config.init_from_hf:
+      raise ValueError("expand_vocab grows an HF model's vocabulary: set init_from_hf too")
+    _base_tokenizer(config)  # FileNotFoundError when the HF directory has no tokenizer.model.
+    for path in _expand_files(config):
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"expand_vocab_from file {path} does not exist")
   plan = _eval_plan(config)
   rules = with_rule_overrides(config.mesh.rules)
   mesh = make_mesh({a: config.mesh[a] for a in MESH_AXES})
@@ -203,7 +292,7 @@ def train(config, workdir: str) -> dict[str, Any]:
   try:
     mesh, rules, plan = check_launch(config)
     sp, tokenizer_path = prepare_tokenizer(config, workdir)
-    cfg, hf_params = build_model_config(config, sp.vocab_size())
+    cfg, hf_params = build_model_config(config, sp.vocab_size(), tokenizer_path)
     check_model_fits_mesh(cfg, mesh, rules)
     lock = WorkdirLock(workdir)
     ckpt = TrainCheckpointer(workdir / "checkpoints", cfg, save_every=tc.checkpoint_every,
@@ -298,6 +387,8 @@ def train(config, workdir: str) -> dict[str, Any]:
         break
     if pending is not None:
       _check_guard(cfg, *pending, bad_streak, tc.max_bad_steps)
+    if config.export_hf:
+      export_final(cfg, state["params"], tokenizer_path, config.export_hf)
   finally:
     preempt.restore()
     try:
