@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +22,7 @@ from jpllm_jax.data.pipeline import _Tokenize
 from jpllm_jax.tokenizer import load_tokenizer, mistral_v1_path
 from jpllm_jax.train.loop import train
 
-from conftest import SHARED_DATA
+from conftest import REPO, SHARED_DATA
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -99,6 +102,18 @@ def test_export_loads_in_transformers_with_our_ids_and_logits(run):
   np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
 
 
+def test_convert_from_the_workdir_writes_the_same_complete_directory(run, tmp_path):
+  _, workdir, export, _ = run
+  env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-m", "experiments.convert", f"--ckpt_dir={workdir}",
+                         f"--hf_out={tmp_path / 'hf'}"], cwd=REPO, env=env, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  names = sorted(p.name for p in export.iterdir())
+  assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == names
+  for name in names:  # weights included: the checkpoint holds the params the run exported.
+    assert (tmp_path / "hf" / name).read_bytes() == (export / name).read_bytes(), name
+
+
 def test_resumed_run_reuses_the_workdirs_tokenizer(run):
   base, workdir, export, _ = run
   kept = workdir / "tokenizer" / "tokenizer.model"
@@ -108,3 +123,4 @@ def test_resumed_run_reuses_the_workdirs_tokenizer(run):
   assert np.isfinite(last["loss"])
   steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert steps == [1, 2, 3]  # resumed at step 2, not started again.
+
