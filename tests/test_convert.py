@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from conftest import REPO
+from fake_devices import run_bounded
 from hf_helpers import safetensors_contents, save_hf_model
 
 
 def _convert(*flags: str) -> None:
   env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, "-m", "experiments.convert", *flags], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+  result = run_bounded([sys.executable, "-m", "experiments.convert", *flags], 300, cwd=REPO, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -32,3 +31,11 @@ def test_hf_to_orbax_to_hf(variant, dtype, tmp_path):
 def test_convert_needs_one_direction(tmp_path):
   with pytest.raises(AssertionError, match="either --hf_dir"):
     _convert(f"--hf_dir={tmp_path}", f"--hf_out={tmp_path}")
+
+
+def test_convert_refuses_a_tokenizer_larger_than_the_model(tmp_path):
+  from jpllm_jax.tokenizer import mistral_v1_path
+  save_hf_model("gpt2", tmp_path / "hf")
+  _convert(f"--hf_dir={tmp_path / 'hf'}", f"--out={tmp_path / 'ckpt'}")
+  with pytest.raises(AssertionError, match="32000 pieces but the model only 128 rows"):
+    _convert(f"--ckpt_dir={tmp_path / 'ckpt'}", f"--hf_out={tmp_path / 'back'}", f"--tokenizer={mistral_v1_path()}")

@@ -7,7 +7,6 @@ import hashlib
 import itertools
 import json
 import os
-import subprocess
 import sys
 
 import jax.numpy as jnp
@@ -23,6 +22,7 @@ from jpllm_jax.tokenizer import load_tokenizer, mistral_v1_path
 from jpllm_jax.train.loop import train
 
 from conftest import REPO, SHARED_DATA
+from fake_devices import run_bounded
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -105,8 +105,8 @@ def test_export_loads_in_transformers_with_our_ids_and_logits(run):
 def test_convert_from_the_workdir_writes_the_same_complete_directory(run, tmp_path):
   _, workdir, export, _ = run
   env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-m", "experiments.convert", f"--ckpt_dir={workdir}",
-                         f"--hf_out={tmp_path / 'hf'}"], cwd=REPO, env=env, capture_output=True, text=True)
+  proc = run_bounded([sys.executable, "-m", "experiments.convert", f"--ckpt_dir={workdir}",
+                      f"--hf_out={tmp_path / 'hf'}"], 300, cwd=REPO, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   names = sorted(p.name for p in export.iterdir())
   assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == names

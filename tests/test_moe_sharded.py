@@ -2,9 +2,13 @@
 over the `expert` axis, with data, FSDP and tensor axes) give the single-device loss and gradients."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 
-from fake_devices import run_on_fake_devices
+import pytest
+
+from fake_devices import run_bounded, run_on_fake_devices
 
 SCRIPT = textwrap.dedent("""
     from fake_devices import rel_diff
@@ -71,4 +75,15 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_expert_parallel_model_equals_single_device():
-  run_on_fake_devices(SCRIPT, timeout=900)
+  run_on_fake_devices(SCRIPT, timeout=900)  # CPU work, not wall time: a busy machine slows it, never fails it.
+
+
+def test_subprocess_bound_is_the_work_with_a_wall_cap():
+  python = [sys.executable, "-c"]
+  slow = run_bounded(python + ["import time; time.sleep(1.5); print('done')"], 1.0)  # waits, does no work.
+  assert slow.returncode == 0 and slow.stdout.strip() == "done"
+  with pytest.raises(subprocess.TimeoutExpired):  # busy forever: its CPU time (or the cap on a busy machine).
+    run_bounded(python + ["while True: pass"], 1.0)
+  with pytest.raises(subprocess.TimeoutExpired) as hung:  # waits forever: the wall-clock cap.
+    run_bounded(python + ["import time; time.sleep(60)"], 0.5)
+  assert "stopped at the wall-clock cap" in hung.value.stderr

@@ -96,9 +96,13 @@ def save_pretrained(config: ModelConfig, params: dict[str, Any], path: str | os.
   transformers, vLLM and lm-evaluation-harness load the directory as it is.
   """
   path = pathlib.Path(path)
-  if tokenizer is not None and token_ids is None:
+  if tokenizer is not None:
     from jpllm_jax.tokenizer import load_tokenizer, special_token_ids
-    token_ids = special_token_ids(load_tokenizer(os.fspath(tokenizer)))
+    sp = load_tokenizer(os.fspath(tokenizer))
+    if sp.get_piece_size() > config.vocab_size:
+      raise ValueError(f"the tokenizer {tokenizer} has {sp.get_piece_size()} pieces but the model only "
+                       f"{config.vocab_size} rows: not the model's tokenizer")
+    token_ids = special_token_ids(sp) if token_ids is None else token_ids
   dtype = jnp.dtype(config.numerics.param_dtype if dtype is None else dtype)
   hf_config = {**mapping.config_to_hf(config, dtype.name), **(token_ids or {})}
   flat = traverse_util.flatten_dict(params, sep=".")
