@@ -3,6 +3,13 @@ r"""Launches a training run.
   python -m experiments.train --config=experiments/configs/default.py --workdir=/tmp/jpllm-default
   python -m experiments.train --config=experiments/configs/default.py --workdir=DIR \
       --config.train.steps=2000 --config.mesh.fsdp=-1 --config.mesh.data=1
+  python -m experiments.train --config=experiments/configs/cpt_swallow.py --workdir=/tmp/jpllm-cpt \
+      --config.export_hf=/tmp/jpllm-cpt-hf   # continual pre-training with N new Japanese pieces, then export
+
+Continual pre-training is one command: `--config.init_from_hf=DIR --config.expand_vocab=N` learns N Japanese
+pieces on DIR's tokenizer (from `--config.expand_vocab_from=FILES`, default the data sources) into
+WORKDIR/tokenizer/, grows the embedding and head and trains on; `--config.export_hf=OUT` writes the final
+params as a complete HF directory.
 
 Multi-host: start the same command on every host with --coordinator=HOST:PORT --num_processes=N
 --process_id=I (or --coordinator=auto on TPU pods and Slurm clusters). Re-running with the same workdir

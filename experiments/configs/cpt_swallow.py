@@ -60,6 +60,7 @@ def get_config(hf_dir: str | None = None) -> ml_collections.ConfigDict:
   c.init_from_hf = hf_dir or tiny_hf_llama(os.path.join(tmp, "jpllm-tiny-llama"))
   c.model = ml_collections.ConfigDict(dict(dtype="float32", param_dtype="float32", remat="none"))
   c.expand_vocab = 500  # Swallow added 11,176 pieces to Llama 2's 32,000 (43,176).
+  c.expand_vocab_from = JA  # the pieces are learned on Japanese text only.
   c.data.sources = f"{JA}=0.9,{EN}=0.1"  # Japanese:English 9:1, as Swallow mixed them.
   c.data.seq_len = 256
   c.train.update(steps=100, batch_size=8, log_every=10, eval_every=50, checkpoint_every=50)
