@@ -28,6 +28,7 @@ _FLAG_CONFIG.model = dict(remat="none", dtype="bfloat16", param_dtype="float32")
 config_flags.DEFINE_config_dict("config", _FLAG_CONFIG, "Overrides of the preset's run config (mesh, model, train).")
 flags.DEFINE_string("preset", None, "A models.PRESETS name.", required=True)
 flags.DEFINE_string("topology", "v5p:2x2x1", "v5p:8x8x8-style TPU topology, or h100x8 / a64fxx16 (analytic).")
+flags.DEFINE_bool("twin", False, "The preset's scaled-down twin (models/presets.py): a fast compile, for tests.")
 flags.DEFINE_integer("max_compiles", 8, "At most this many compiles (the given plan and the search).")
 flags.DEFINE_string("output", None, "Also write the JSON result here.")
 FLAGS = flags.FLAGS
@@ -35,6 +36,7 @@ FLAGS = flags.FLAGS
 
 def plan_from_flags():
   from jpllm_jax import models  # pylint: disable=import-outside-toplevel
+  from jpllm_jax.models.presets import twin  # pylint: disable=import-outside-toplevel
   from jpllm_jax.train import preflight  # pylint: disable=import-outside-toplevel
   target = preflight.parse_topology(FLAGS.topology)
   config = train_presets.get_config(FLAGS.preset, target.devices)
@@ -46,9 +48,11 @@ def plan_from_flags():
         model[name] = value
       else:
         config[section][name] = value
-  cfg = models.preset(FLAGS.preset, **model)
+  cfg = models.preset(FLAGS.preset)
+  cfg = (twin(cfg) if FLAGS.twin else cfg).replace(**model)
   mesh = tuple((a, n) for a, n in config.mesh.to_dict().items() if a != "rules" and n != 1)
-  plan = preflight.Plan(cfg, config.train.batch_size, config.data.seq_len, config.train.micro_batches,
+  seq_len = min(config.data.seq_len, cfg.max_seq_len) if FLAGS.twin else config.data.seq_len
+  plan = preflight.Plan(cfg, config.train.batch_size, seq_len, config.train.micro_batches,
                         mesh or (("data", -1),), config.mesh.rules)
   return plan, target
 

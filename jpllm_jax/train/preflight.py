@@ -147,7 +147,16 @@ def analyse(plan: Plan, target: Target, memory: dict[str, float], xla_flops: flo
 def compile_plan(plan: Plan, target: Target) -> dict[str, Any]:
   """Compiles `plan` for the TPU `target` and reads XLA's per-device memory and cost analyses."""
   t0 = time.perf_counter()
-  compiled = lower(plan, topology_devices(target.name)).compile()
+  try:
+    compiled = lower(plan, topology_devices(target.name)).compile()
+  except jax.errors.JaxRuntimeError as e:  # libtpu refuses a program that exceeds HBM, naming what it needs.
+    m = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
+    if "RESOURCE_EXHAUSTED" not in str(e) or not m:
+      raise
+    memory = {"arguments": 0, "temporaries": float(m.group(1)) * GiB, "outputs": 0, "aliased": 0}
+    out = analyse(plan, target, memory, 0.0, 0.0)
+    out.update(fits=False, compile_s=round(time.perf_counter() - t0, 1), oom=str(e).splitlines()[0][:300])
+    return out
   m = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
