@@ -77,10 +77,17 @@ def test_pipelined_step_stage8_and_stage4_data2():
     """)
 
 
-def test_pipelined_step_with_fsdp_tensor_and_interleaved():
+def test_pipelined_step_interleaved():
+  _run("""
+    check("llama", {"stage": 4, "data": 2}, "interleaved", micro=4, virtual=2)
+    """)
+
+
+@pytest.mark.xfail(strict=True, reason="XLA's SPMD partitioner aborts (spmd_partitioner_util.cc:497, replica "
+                   "groups) on the stage 2 x fsdp 2 x tensor 2 pipelined step; not yet fixed")
+def test_pipelined_step_with_fsdp_and_tensor():
   _run("""
     check("gpt", {"stage": 2, "fsdp": 2, "tensor": 2}, "1f1b")
-    check("llama", {"stage": 4, "data": 2}, "interleaved", micro=4, virtual=2)
     """)
 
 
