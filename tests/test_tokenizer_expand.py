@@ -73,7 +73,7 @@ def test_hf_export_matches_sentencepiece(expanded, tmp_path):
   for text in texts:
     ids = sp.encode(text)
     assert hf.encode(text, add_special_tokens=False) == ids, text[:80]
-    assert hf.encode(text) == [sp.bos_id(), *ids, sp.eos_id()]  # one training document (data pipeline)
+    assert hf.encode(text) == [sp.bos_id(), *ids]  # BOS only; the data pipeline then ends the document with EOS
     assert hf.decode(ids) == text
   export_hf(expanded, str(tmp_path / "hf_bare"), add_bos_token=False, add_eos_token=False)
   hf_bare = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf_bare"))
