@@ -12,13 +12,11 @@ import subprocess
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import logging as absl_logging
 
-from conftest import REPO
 from jpllm_jax.models.config import ModelConfig
 from jpllm_jax.tokenizer import mistral_v1_path
 from jpllm_jax.train import checkpointing
@@ -27,6 +25,7 @@ from jpllm_jax.train.checkpointing import (CheckpointSaveError, CorruptCheckpoin
 from jpllm_jax.train.loop import train
 
 from experiments.configs import default
+from train_subprocess import launch_train, logged_losses
 
 CFG = ModelConfig.from_dict(dict(family="llama", vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2,
                                  d_ff=32, max_seq_len=32))
@@ -195,19 +194,8 @@ OVERRIDES = {
 }
 
 
-def _losses(workdir):
-  path = workdir / "metrics.jsonl"
-  lines = path.read_text().splitlines() if path.exists() else []
-  return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
-
-
 def _launch(workdir, **extra):
-  flags = {**OVERRIDES, "data.tokenizer": mistral_v1_path(), **extra}
-  return subprocess.Popen(
-      [sys.executable, "-m", "experiments.train", "--config=experiments/configs/default.py", f"--workdir={workdir}",
-       *[f"--config.{k}={v}" for k, v in flags.items()]],
-      cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True)
+  return launch_train(workdir, {**OVERRIDES, "data.tokenizer": mistral_v1_path(), **extra})
 
 
 def test_kill_9_during_and_between_async_saves_resumes_with_the_same_loss_curve(tmp_path):
@@ -217,12 +205,12 @@ def test_kill_9_during_and_between_async_saves_resumes_with_the_same_loss_curve(
   for kill_at in (4, 10):
     proc = _launch(run)
     deadline = time.time() + 300
-    while (len(_losses(run)) == 0 or _losses(run)[-1][0] < kill_at) and proc.poll() is None \
+    while (len(logged_losses(run)) == 0 or logged_losses(run)[-1][0] < kill_at) and proc.poll() is None \
         and time.time() < deadline:
       time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
-    print("killed at logged step", _losses(run)[-1][0], "checkpoints", sorted(os.listdir(run / "checkpoints")))
+    print("killed at logged step", logged_losses(run)[-1][0], "checkpoints", sorted(os.listdir(run / "checkpoints")))
   proc = _launch(run)
   out = proc.communicate(timeout=300)[0]
   assert proc.returncode == 0, out[-4000:]
@@ -232,5 +220,5 @@ def test_kill_9_during_and_between_async_saves_resumes_with_the_same_loss_curve(
     group, field = k.split(".")
     config[group][field] = v
   train(config, str(ref))
-  assert [s for s, _ in _losses(run)] == list(range(1, OVERRIDES["train.steps"] + 1))  # one record per step.
-  assert _losses(run) == _losses(ref)
+  assert [s for s, _ in logged_losses(run)] == list(range(1, OVERRIDES["train.steps"] + 1))  # one record per step.
+  assert logged_losses(run) == logged_losses(ref)

@@ -2,16 +2,12 @@
 with exactly the loss curve of an uninterrupted run."""
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
-from conftest import REPO
 from jpllm_jax.tokenizer import mistral_v1_path
 from jpllm_jax.train.loop import train
+from train_subprocess import launch_train, logged_losses
 
 from experiments.configs import default
 
@@ -23,29 +19,20 @@ OVERRIDES = {
 }
 
 
-def _losses(workdir):
-  lines = (workdir / "metrics.jsonl").read_text().splitlines() if (workdir / "metrics.jsonl").exists() else []
-  return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
-
-
 def _launch(workdir):
-  return subprocess.Popen(
-      [sys.executable, "-m", "experiments.train", "--config=experiments/configs/default.py", f"--workdir={workdir}",
-       *[f"--config.{k}={v}" for k, v in OVERRIDES.items()]],
-      cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True)
+  return launch_train(workdir, OVERRIDES)
 
 
 def test_sigterm_saves_and_the_restart_equals_the_uninterrupted_run(tmp_path):
   run = tmp_path / "preempted"
   proc = _launch(run)
   deadline = time.time() + 300
-  while len(_losses(run)) < 3 and proc.poll() is None and time.time() < deadline:
+  while len(logged_losses(run)) < 3 and proc.poll() is None and time.time() < deadline:
     time.sleep(0.02)
   proc.send_signal(signal.SIGTERM)
   out = proc.communicate(timeout=300)[0]
   assert proc.returncode == 0, out[-4000:]
-  cut = len(_losses(run))
+  cut = len(logged_losses(run))
   assert 3 <= cut < OVERRIDES["train.steps"], "the run ended before the signal arrived"
   assert "SIGTERM: saving step" in out
   # The checkpoint of the step the run stopped at (not on the save interval) is there.
@@ -60,4 +47,4 @@ def test_sigterm_saves_and_the_restart_equals_the_uninterrupted_run(tmp_path):
     group, field = k.split(".")
     config[group][field] = v
   train(config, str(tmp_path / "uninterrupted"))
-  assert _losses(run) == _losses(tmp_path / "uninterrupted")
+  assert logged_losses(run) == logged_losses(tmp_path / "uninterrupted")
