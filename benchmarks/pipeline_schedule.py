@@ -56,7 +56,7 @@ def layer(h, w):
   return h + (jax.nn.silu(x @ w["wg"]) * (x @ w["wu"])) @ w["wd"], None
 
 
-def stage_fn(p, h):
+def stage_fn(p, h, batch=None):
   """The chunk's layers, each rematerialised (its input kept); unrolled so that cost_analysis counts every layer."""
   return jax.lax.scan(jax.checkpoint(layer), h, p, unroll=True)[0]
 

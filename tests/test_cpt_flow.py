@@ -124,3 +124,14 @@ def test_resumed_run_reuses_the_workdirs_tokenizer(run):
   steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert steps == [1, 2, 3]  # resumed at step 2, not started again.
 
+
+
+def test_expand_vocab_needs_an_hf_model_with_a_tokenizer(tmp_path):
+  from jpllm_jax.train.config import ConfigError
+  c = cpt_swallow.get_config(str(tmp_path))  # a directory without config.json or tokenizer.model.
+  with pytest.raises(FileNotFoundError, match="has no tokenizer.model"):
+    train(c, str(tmp_path / "run"))
+  c.init_from_hf = ""
+  with pytest.raises(ConfigError, match="set init_from_hf too"):
+    train(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()  # refused before anything was written.

@@ -11,6 +11,7 @@ ones. Attention is grouped-query attention or, with `attention="mla"`, DeepSeek'
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -192,7 +193,9 @@ def _block(cfg: ModelConfig, p: Params, x, positions, mask, kv_write: Callable |
   return logical_constraint(x, BTD), stats
 
 
-def _embed(cfg: ModelConfig, params: Params, tokens, positions, dtype):
+def embed(cfg: ModelConfig, params: Params, tokens, positions):
+  """Token (and learned position) embeddings [B, T, D] in the compute dtype: the first piece of the decoder."""
+  dtype = jnp.dtype(cfg.numerics.dtype)
   x = jnp.take(params["embed"]["embedding"], tokens, axis=0).astype(dtype)
   if cfg.scale_embedding:
     x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)
@@ -243,6 +246,41 @@ def _cast_layer(p, dtype):
   return {k: v if k == "router" else jax.tree.map(lambda w: w.astype(dtype), v) for k, v in p.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What every block of a full-sequence forward reads besides its weights and input: positions [B, T],
+  segment ids [B, T] (0: padding), rotary inverse frequencies (None without RoPE) and the token weights of the
+  MoE statistics. The attention mask is formed from it where a stack runs, so a pipeline stage needs only this."""
+  positions: jax.Array
+  segment_ids: jax.Array
+  inv_freq: jax.Array | None
+  token_weights: jax.Array
+
+  def mask(self, cfg: ModelConfig) -> jax.Array:
+    index = jnp.broadcast_to(jnp.arange(self.segment_ids.shape[1], dtype=jnp.int32), self.segment_ids.shape)
+    return layers.attention_mask(index, index[0], self.segment_ids, self.segment_ids, cfg.attention.sliding_window)
+
+
+def context(cfg: ModelConfig, tokens, positions=None, segment_ids=None) -> Context:
+  """The `Context` of `tokens` [B, T]; missing positions count from 0, missing segment ids make one document."""
+  positions, segment_ids = _default_inputs(tokens, positions, segment_ids)
+  inv_freq = layers.rope_inv_freq(cfg) if cfg.rope_theta is not None else None
+  return Context(positions, segment_ids, inv_freq, (segment_ids != 0).astype(jnp.float32))
+
+
+def run_stack(cfg: ModelConfig, stack_params: Params, x, ctx: Context, with_stats: bool = False):
+  """Runs a slice of stacked layers ([L, ...] leaves; a whole stack or a pipeline stage's part of it) over
+  x [B, T, D] under `scan` with the config's remat policy; returns (x, MoE statistics stacked over L or None)."""
+  dtype = jnp.dtype(cfg.numerics.dtype)
+  mask = ctx.mask(cfg)
+
+  def body(x, p):
+    return _block(cfg, _cast_layer(p, dtype), x, ctx.positions, mask, None, ctx.inv_freq, ctx.token_weights,
+                  with_stats)
+
+  return jax.lax.scan(_remat(cfg, body), x, stack_params)
+
+
 def forward(cfg: ModelConfig, params: Params, tokens, *, positions=None, segment_ids=None, return_aux: bool = False):
   """Logits [B, T, V] (float32) of `tokens` [B, T]; with `return_aux`, (logits, aux).
 
@@ -276,32 +314,20 @@ def hidden(cfg: ModelConfig, params: Params, tokens, *, positions=None, segment_
     "mtp_hidden"    [mtp_depth, B, T, D] (MTP models): final-normed hidden states of the MTP blocks.
   Both losses are ready to add to the language-modelling loss; padding (segment id 0) is not counted.
   """
-  dtype = jnp.dtype(cfg.numerics.dtype)
-  positions, segment_ids = _default_inputs(tokens, positions, segment_ids)
-  index = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-  mask = layers.attention_mask(index, index[0], segment_ids, segment_ids, cfg.attention.sliding_window)
-  inv_freq = layers.rope_inv_freq(cfg) if cfg.rope_theta is not None else None
-  weights = (segment_ids != 0).astype(jnp.float32)
-  x = _embed(cfg, params, tokens, positions, dtype)
-
-  def run(x, stack, with_stats):
-    def body(x, p):
-      return _block(cfg, _cast_layer(p, dtype), x, positions, mask, None, inv_freq, weights, with_stats)
-
-    return jax.lax.scan(_remat(cfg, body), x, stack)
-
+  ctx = context(cfg, tokens, positions, segment_ids)
+  x = embed(cfg, params, tokens, ctx.positions)
   stats = None
   if "layers" in params:
-    x, _ = run(x, params["layers"], False)
+    x, _ = run_stack(cfg, params["layers"], x, ctx)
   if "layers_moe" in params:
-    x, stats = run(x, params["layers_moe"], return_aux)
+    x, stats = run_stack(cfg, params["layers_moe"], x, ctx, with_stats=return_aux)
   out = layers.norm(cfg, params["final_norm"], x)
   if not return_aux:
     return out
   zero = jnp.zeros((), jnp.float32)
   aux = {"moe_aux_loss": zero, "router_z_loss": zero}
   if cfg.mtp.depth:
-    aux["mtp_hidden"], mtp_stats = _mtp(cfg, params, tokens, x, positions, mask, weights, inv_freq, dtype)
+    aux["mtp_hidden"], mtp_stats = _mtp(cfg, params, tokens, x, ctx)
     if mtp_stats is not None:
       stats = mtp_stats if stats is None else jax.tree.map(lambda a, b: jnp.concatenate([a, b]), stats, mtp_stats)
   if stats is not None:
@@ -311,21 +337,24 @@ def hidden(cfg: ModelConfig, params: Params, tokens, *, positions=None, segment_
   return out, aux
 
 
-def _mtp(cfg: ModelConfig, params: Params, tokens, h, positions, mask, weights, inv_freq, dtype):
+def _mtp(cfg: ModelConfig, params: Params, tokens, h, ctx: Context):
   """DeepSeek-V3 multi-token prediction (arXiv:2412.19437 section 2.2, eq. 21-23): module k combines the
   previous depth's hidden state h_i (the main model's last block output for k = 0) with the embedding of
   token i + k + 1, h' = W [RMSNorm(emb); RMSNorm(h)], and runs one more block. Returns the final-normed
   outputs [M, B, T, D] and the blocks' MoE statistics stacked over M (None for dense blocks). The embedding
   and the output head are the main model's. Positions past the end of the row see token 0 in place of
   t_{i+k+1}."""
+  dtype = jnp.dtype(cfg.numerics.dtype)
+  mask = ctx.mask(cfg)
   outs, stats = [], []
   for k in range(cfg.mtp.depth):
     p = jax.tree.map(lambda a, k=k: a[k], params["mtp"])
     ahead = jnp.pad(tokens[:, k + 1:], ((0, 0), (0, k + 1)))
-    e = layers.norm(cfg, p["enorm"], _embed(cfg, params, ahead, positions, dtype))
+    e = layers.norm(cfg, p["enorm"], embed(cfg, params, ahead, ctx.positions))
     z = jnp.concatenate([e, layers.norm(cfg, p["hnorm"], h)], axis=-1)
     z = layers.dense(z, _cast_layer(p["proj"], dtype), "btd,de->bte")
-    h, s = _block(cfg, _cast_layer(p["block"], dtype), z, positions, mask, None, inv_freq, weights, True)
+    h, s = _block(cfg, _cast_layer(p["block"], dtype), z, ctx.positions, mask, None, ctx.inv_freq,
+                  ctx.token_weights, True)
     outs.append(layers.norm(cfg, p["norm"], h))
     stats.append(s)
   return jnp.stack(outs), None if stats[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *stats)
@@ -369,7 +398,7 @@ def forward_cached(cfg: ModelConfig, params: Params, tokens, cache: dict[str, ja
   k_index = jnp.arange(kv_segments.shape[1], dtype=jnp.int32)
   mask = layers.attention_mask(q_index, k_index, segment_ids, kv_segments, cfg.attention.sliding_window)
   inv_freq = layers.rope_inv_freq(cfg) if cfg.rope_theta is not None else None
-  x = _embed(cfg, params, tokens, positions, dtype)
+  x = embed(cfg, params, tokens, positions)
 
   def body(x, layer):
     p, a_cache, b_cache = layer

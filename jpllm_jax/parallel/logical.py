@@ -67,4 +67,11 @@ def logical_constraint(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   if len(axes) != x.ndim:
     raise ValueError(f"logical axes {tuple(axes)} do not match an array of rank {x.ndim}")
   mesh, rules = state
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules)))
+  spec = logical_to_spec(axes, rules)
+  inner = jax.sharding.get_abstract_mesh()
+  if not inner.empty and inner.manual_axes:  # inside a shard_map (the pipeline's stages): its mesh, auto axes only
+    manual = set(inner.manual_axes)
+    keep = lambda e: e if e is None or isinstance(e, str) and e not in manual else (  # noqa: E731
+        tuple(a for a in e if a not in manual) or None if not isinstance(e, str) else None)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(inner, PartitionSpec(*map(keep, spec))))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -2,8 +2,8 @@
 
 Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with sharded parameters and optimizer
 state), `tensor` (Megatron-style tensor parallel), `expert` (shards the experts of MoE layers, and the
-batch with data and fsdp: parallel/expert.py), and `stage`, kept at size 1 until the pipeline layout
-lands. A size of -1 takes the devices left over.
+batch with data and fsdp: parallel/expert.py), and `stage` (pipeline stages: parallel/pipeline.py, the
+stacked `layers` in blocks). A size of -1 takes the devices left over.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ DEFAULT_RULES: Rules = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
-    ("layers", None),  # the pipeline layout will map layers to `stage`.
+    ("layers", "stage"),  # stacked layers in contiguous blocks over the pipeline stages.
     ("expert", "expert"),  # E of the expert weights (parallel/expert.py).
 )
 
@@ -105,7 +105,7 @@ def check_model_fits_mesh(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_R
   """Fails at start-up, naming what to change, when a sharded dimension does not divide its mesh axes."""
   table = dict(rules)
   dims = [("heads", cfg.attention.n_heads), ("kv_heads", cfg.attention.num_heads_kv), ("vocab", cfg.vocab_size),
-          ("embed", cfg.d_model), ("layers", cfg.n_layers)]
+          ("embed", cfg.d_model)]  # layers over `stage`: train.step.pipeline_schedule checks them.
   if cfg.n_dense_layers:
     dims.append(("mlp", cfg.d_ff))
   if cfg.moe.n_experts:  # the experts' width, the shared experts' width and the expert count.

@@ -3,9 +3,9 @@
   loss, aux, grads = pipeline_value_and_grad(stage_fn, embed_fn, loss_fn, stage_params, shared_params,
                                              microbatches, mesh=mesh, schedule=make_schedule("1f1b", 4, 8))
 
-The model comes in three pieces: `embed_fn(shared, batch) -> h` (first virtual stage), `stage_fn(layers, h) -> h`
-(a block of stacked layers), `loss_fn(shared, h, batch) -> (token-weighted loss sum, token count)` (last
-virtual stage). `stage_params` leaves have a leading layer axis L; device s runs chunk c = layer block c S + s
+The model comes in three pieces: `embed_fn(shared, batch) -> h` (first virtual stage), `stage_fn(layers, h, batch)
+-> h` (a block of stacked layers; the micro-batch gives it positions and segment ids), `loss_fn(shared, h, batch) ->
+(token-weighted loss sum, token count[, dict of other sums])` (last virtual stage; the sums come back in aux). `stage_params` leaves have a leading layer axis L; device s runs chunk c = layer block c S + s
 (L / (S V) layers each, Megatron's interleaved layout; V = 1: contiguous blocks).
 
 Each device scans over the ticks of its own schedule row. A tick stores the messages that arrived into the
@@ -60,7 +60,8 @@ def pipeline_value_and_grad(stage_fn: Callable, embed_fn: Callable, loss_fn: Cal
     microbatches: pytree of [M, ...] arrays, one row per micro-batch.
     mesh: a mesh with `stage_axis` of size schedule.stages. schedule: from `make_schedule`.
   Returns:
-    loss = sum of loss sums / sum of token counts, aux {"loss_sum", "tokens"}, grads (stage, shared).
+    loss = sum of loss sums / sum of token counts, aux {"loss_sum", "tokens", **loss_fn's other sums (summed,
+    not divided)}, grads (stage, shared).
   """
   S, V, M = schedule.stages, schedule.virtual, schedule.micro_batches
   if mesh.shape[stage_axis] != S:
@@ -78,11 +79,11 @@ def pipeline_value_and_grad(stage_fn: Callable, embed_fn: Callable, loss_fn: Cal
   body = functools.partial(_device_program, stage_fn, embed_fn, loss_fn, schedule=schedule, axis=stage_axis)
   run = jax.shard_map(body, mesh=mesh, axis_names={stage_axis},
                       in_specs=(P(None, stage_axis), P(), P(), P(stage_axis)),
-                      out_specs=(P(), P(), P(None, stage_axis), P()))
-  loss_sum, tokens, g_stage, g_shared = run(chunked, shared_params, microbatches, rows)
+                      out_specs=(P(), P(), P(), P(None, stage_axis), P()))
+  loss_sum, tokens, extra, g_stage, g_shared = run(chunked, shared_params, microbatches, rows)
   g_stage = jax.tree.map(lambda g, w: (g / tokens).reshape(w.shape).astype(w.dtype), g_stage, stage_params)
   g_shared = jax.tree.map(lambda g, w: (g / tokens).astype(w.dtype), g_shared, shared_params)
-  return loss_sum / tokens, {"loss_sum": loss_sum, "tokens": tokens}, (g_stage, g_shared)
+  return loss_sum / tokens, {**extra, "loss_sum": loss_sum, "tokens": tokens}, (g_stage, g_shared)
 
 
 def _vary(tree, axis: str):
@@ -105,26 +106,32 @@ def _device_program(stage_fn, embed_fn, loss_fn, params, shared, batches, rows, 
   zero_p = jax.tree.map(lambda w: zeros(w.shape[1:], w.dtype), params)
   zero_s = jax.tree.map(lambda w: zeros(w.shape, w.dtype), shared)
   zero_f = zeros((), jnp.float32)
+  extra_shape = (tuple(jax.eval_shape(loss_fn, shared, zero_h, batch0)) + ({},))[2]
+  zero_e = jax.tree.map(lambda e: zeros(e.shape, jnp.float32), extra_shape)
+
+  def losses(sh, y, batch):  # (loss sum, tokens, other sums), float32 and varying
+    out = tuple(loss_fn(sh, y, batch)) + ({},)
+    return _vary((out[0].astype(jnp.float32), out[1].astype(jnp.float32),
+                  jax.tree.map(lambda e: e.astype(jnp.float32), out[2])), axis)
 
   def forward(first, last, p, sh, batch, x, g):
     del g
-    y = stage_fn(p, embed_fn(sh, batch) if first else x)
+    y = stage_fn(p, embed_fn(sh, batch) if first else x, batch)
     if not last:
-      return y, zero_h, zero_p, zero_s, zero_f, zero_f
-    loss, tokens = loss_fn(sh, y, batch)
-    return zero_h, zero_h, zero_p, zero_s, *_vary((loss.astype(jnp.float32), tokens.astype(jnp.float32)), axis)
+      return y, zero_h, zero_p, zero_s, zero_f, zero_f, zero_e
+    return zero_h, zero_h, zero_p, zero_s, *losses(sh, y, batch)
 
   def backward(first, last, p, sh, batch, x, g):
     def f(p, sh, x):
-      y = stage_fn(p, embed_fn(sh, batch) if first else x)
+      y = stage_fn(p, embed_fn(sh, batch) if first else x, batch)
       return loss_fn(sh, y, batch)[0] if last else y
     out, vjp = jax.vjp(f, p, sh, x)
     dp, dsh, dx = vjp(jnp.ones_like(out) if last else g.astype(out.dtype))
-    return zero_h, zero_h if first else dx.astype(h.dtype), dp, _vary(dsh, axis), zero_f, zero_f
+    return zero_h, zero_h if first else dx.astype(h.dtype), dp, _vary(dsh, axis), zero_f, zero_f, zero_e
 
   def idle(p, sh, batch, x, g):
     del p, sh, batch, x, g
-    return zero_h, zero_h, zero_p, zero_s, zero_f, zero_f
+    return zero_h, zero_h, zero_p, zero_s, zero_f, zero_f, zero_e
 
   branches = [idle] + [functools.partial(fn, first, last) for fn in (forward, backward)
                        for first in (False, True) for last in (False, True)]
@@ -136,20 +143,21 @@ def _device_program(stage_fn, embed_fn, loss_fn, params, shared, batches, rows, 
     return buf.at[row].set(jnp.where(slot >= 0, msg, buf[row]))
 
   def tick(carry, row):
-    acts, cots, fwd_in, bwd_in, g_p, g_s, loss, tokens = carry
+    acts, cots, fwd_in, bwd_in, g_p, g_s, loss, tokens, extra = carry
     acts, cots = store(acts, row[_RECV], fwd_in), store(cots, row[_GRECV], bwd_in)
     c = row[_CHUNK]
     p = jax.tree.map(lambda w: w[c], params)
     batch = jax.tree.map(lambda b: b[row[_MICRO]], batches)
-    y, dx, dp, dsh, l, n = lax.switch(row[_CODE], branches, p, shared, batch, acts[row[_SLOT]], cots[row[_GSLOT]])
+    y, dx, dp, dsh, l, n, e = lax.switch(row[_CODE], branches, p, shared, batch, acts[row[_SLOT]], cots[row[_GSLOT]])
     g_p = jax.tree.map(lambda acc, d: acc.at[c].add(d.astype(acc.dtype)), g_p, dp)
     g_s = jax.tree.map(lambda acc, d: acc + d.astype(acc.dtype), g_s, dsh)
     fwd_in, bwd_in = lax.ppermute(y, axis, fwd_perm), lax.ppermute(dx, axis, bwd_perm)
-    return (acts, cots, fwd_in, bwd_in, g_p, g_s, loss + l, tokens + n), None
+    extra = jax.tree.map(jnp.add, extra, e)
+    return (acts, cots, fwd_in, bwd_in, g_p, g_s, loss + l, tokens + n, extra), None
 
   f32 = lambda w: zeros(w.shape, jnp.float32)  # noqa: E731
   init = (zeros((schedule.act_slots, *h.shape), h.dtype), zeros((schedule.grad_slots, *h.shape), h.dtype),
-          zero_h, zero_h, jax.tree.map(f32, params), jax.tree.map(f32, shared), zero_f, zero_f)
-  (_, _, _, _, g_p, g_s, loss, tokens), _ = lax.scan(tick, init, rows[0])
+          zero_h, zero_h, jax.tree.map(f32, params), jax.tree.map(f32, shared), zero_f, zero_f, zero_e)
+  (_, _, _, _, g_p, g_s, loss, tokens, extra), _ = lax.scan(tick, init, rows[0])
   g_p = jax.tree.map(lambda g: g[:, None], g_p)
-  return lax.psum(loss, axis), lax.psum(tokens, axis), g_p, lax.psum(g_s, axis)
+  return lax.psum(loss, axis), lax.psum(tokens, axis), lax.psum(extra, axis), g_p, lax.psum(g_s, axis)

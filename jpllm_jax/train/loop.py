@@ -28,6 +28,7 @@ from jpllm_jax.models.config import ModelConfig
 from jpllm_jax.models.transformer import param_kinds
 from jpllm_jax.parallel import MESH_AXES, check_model_fits_mesh, data_parallel_size, make_mesh, with_rule_overrides
 from jpllm_jax.parallel.consistency import assert_replicas_equal
+from jpllm_jax.parallel.pipeline_schedule import megatron_bubble
 from jpllm_jax.tokenizer import load_tokenizer
 from jpllm_jax.tokenizer.train import corpus_texts, train_sentencepiece
 from jpllm_jax.train import config as run_config
@@ -36,7 +37,7 @@ from jpllm_jax.train.checkpointing import TrainCheckpointer, WorkdirLock
 from jpllm_jax.train.metrics import MetricsLogger, throughput
 from jpllm_jax.train.optimizer import make_optimizer
 from jpllm_jax.train.step import (BATCH_KEYS, StepConfig, batch_sharding, init_state, make_eval_step,
-                                  make_train_step, nonfinite_leaf_name, state_shardings)
+                                  make_train_step, nonfinite_leaf_name, pipeline_schedule, state_shardings)
 
 
 MOE_LOG_KEYS = ("moe_loss", "mtp_loss", "moe_load_max", "moe_load_min", "moe_dropped", "router_bias_norm")
@@ -94,8 +95,9 @@ def _learn_vocab_size(files: list[str], add: int, sample_docs: int = 200_000) ->
 
 
 def _make_tokenizer(config, out: pathlib.Path) -> None:
-  """Writes the run's tokenizer.model (and its HF files where it is BPE) into `out`: N pieces learned on the
-  base (`expand_vocab`), a copy of data.tokenizer or of the HF model's tokenizer, or one trained on the sources."""
+  """Writes the run's tokenizer.model into `out`: N pieces learned on the base (`expand_vocab`), a copy of
+  data.tokenizer or of the HF model's tokenizer, or one trained on the sources; and the HF tokenizer files
+  beside it for continual pre-training or export runs with a BPE tokenizer."""
   from jpllm_jax.tokenizer.expand import expand_vocabulary, export_hf
   out.mkdir(parents=True)
   target = out / WORKDIR_TOKENIZER.name
@@ -111,14 +113,17 @@ def _make_tokenizer(config, out: pathlib.Path) -> None:
     logging.info("training a %d-piece tokenizer on %s", config.data.tokenizer_vocab_size, files)
     trained = train_sentencepiece(files, str(out / "spm"), config.data.tokenizer_vocab_size)
     os.replace(trained, target)
-  if _is_hf_exportable(str(target)):
+  # HF files for runs with an HF side (transformers' import and the export take seconds); any other export
+  # derives them from the kept tokenizer.model (`hf.save_pretrained(tokenizer=...)`).
+  if (config.init_from_hf or config.export_hf) and _is_hf_exportable(str(target)):
     export_hf(str(target), str(out))
 
 
 def prepare_tokenizer(config, workdir: pathlib.Path):
-  """The run's SentencePiece model, kept in <workdir>/tokenizer/ (tokenizer.model and, for BPE models, the HF
-  tokenizer files) so that evaluation and export read the workdir alone. Process 0 makes it once (into a
-  temporary folder renamed when complete); the others wait. A resumed run reuses it: nothing is re-learned."""
+  """The run's SentencePiece model, kept in <workdir>/tokenizer/ (tokenizer.model, with the HF tokenizer files
+  where `_make_tokenizer` writes them) so that evaluation and export read the workdir alone. Process 0 makes
+  it once (into a temporary folder renamed when complete); the others wait. A resumed run reuses it: nothing
+  is learned again, and a different data.tokenizer is refused."""
   path = workdir / WORKDIR_TOKENIZER
   legacy = workdir / "tokenizer" / "spm.model"  # runs from before the copy was kept under one name.
   if legacy.exists() and not path.exists():
@@ -294,6 +299,8 @@ def train(config, workdir: str) -> dict[str, Any]:
     sp, tokenizer_path = prepare_tokenizer(config, workdir)
     cfg, hf_params = build_model_config(config, sp.vocab_size(), tokenizer_path)
     check_model_fits_mesh(cfg, mesh, rules)
+    pipe = pipeline_schedule(cfg, mesh, StepConfig(micro_batches=tc.micro_batches, pipeline=tc.pipeline,
+                                                   virtual_stages=tc.virtual_stages))
     lock = WorkdirLock(workdir)
     ckpt = TrainCheckpointer(workdir / "checkpoints", cfg, save_every=tc.checkpoint_every,
                              keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
@@ -309,7 +316,8 @@ def train(config, workdir: str) -> dict[str, Any]:
   tx, schedule = make_optimizer(o.lr, o.warmup_steps, tc.steps, kinds=param_kinds(cfg),
                                 **{k: o[k] for k in ("min_lr_ratio", "b1", "b2", "eps", "weight_decay", "clip_norm")})
   step_cfg = StepConfig(z_loss=o.z_loss, micro_batches=tc.micro_batches, spike_factor=tc.spike_factor,
-                        mtp_loss_coef=o.mtp_loss_coef, router_bias_rate=o.router_bias_rate)
+                        mtp_loss_coef=o.mtp_loss_coef, router_bias_rate=o.router_bias_rate,
+                        pipeline=tc.pipeline, virtual_stages=tc.virtual_stages)
   shardings = state_shardings(cfg, tx, mesh, rules)
   init_fn = jax.jit(functools.partial(init_state, cfg, tx), out_shardings=shardings)
   params = None if hf_params is None else jax.device_put(hf_params, shardings["params"])
@@ -341,6 +349,10 @@ def train(config, workdir: str) -> dict[str, Any]:
     logging.info("model %s, %.2fM params, %.3g FLOPs/token, peak %s, mesh %s, tokenizer %s",
                  cfg.family, n_params / 1e6, flops_per_token, f"{peak:.3g} FLOP/s" if peak else "not given",
                  dict(mesh.shape), tokenizer_path)
+    if pipe is not None:
+      logging.info("pipeline %s: S=%d V=%d M=%d, bubble %.4f (Megatron's (S-1)/(V*M+S-1) = %.4f)", pipe.kind,
+                   pipe.stages, pipe.virtual, pipe.micro_batches, pipe.bubble_fraction,
+                   megatron_bubble(pipe.stages, pipe.micro_batches, pipe.virtual))
 
   preempt = _Preemption()
   bad_streak, skipped_total, last = 0, 0, {}

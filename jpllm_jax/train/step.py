@@ -15,10 +15,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jpllm_jax import models
-from jpllm_jax.models import moe
+from jpllm_jax.models import layers, moe
 from jpllm_jax.models.config import ModelConfig
 from jpllm_jax.parallel import DEFAULT_RULES, axis_rules, logical_to_spec, shardings
 from jpllm_jax.parallel.logical import Rules
+from jpllm_jax.parallel.pipeline import pipeline_value_and_grad
+from jpllm_jax.parallel.pipeline_schedule import Schedule, make_schedule
 
 State = dict[str, Any]
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
@@ -28,7 +30,9 @@ LOSS_CHUNK = 512  # tokens per chunk of the fused output head + loss (bounds the
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   z_loss: float = 1e-4  # LLM-jp.
-  micro_batches: int = 1  # gradient accumulation: the global batch is split into this many parts.
+  micro_batches: int = 1  # gradient accumulation, or the pipeline's micro-batches: the batch is split this many ways.
+  pipeline: str = ""  # with a `stage` mesh axis > 1: gpipe, 1f1b or interleaved ("": 1f1b).
+  virtual_stages: int = 1  # interleaved: model chunks per device (Megatron's virtual pipeline stages).
   spike_factor: float = 0.0  # > 0: skip a step whose loss exceeds spike_factor x the running mean.
   ema_decay: float = 0.99
   loss_chunk: int = LOSS_CHUNK  # 0: materialise the logits.
@@ -135,17 +139,69 @@ def loss_and_grads(cfg: ModelConfig, params, batch, *, z_loss: float, micro_batc
   return {**means, "tokens": sums["tokens"]}, grads
 
 
+def pipeline_schedule(cfg: ModelConfig, mesh: Mesh, step_cfg: StepConfig) -> Schedule | None:
+  """The tick table of a mesh with `stage` > 1 (None without one); fails before compiling, naming the fix, for a
+  model the pipelined step does not run yet or a layer count that does not split into stages x virtual_stages."""
+  S, V = mesh.shape.get("stage", 1), step_cfg.virtual_stages
+  if S == 1:
+    return None
+  if cfg.moe.n_experts or cfg.mtp.depth:
+    raise ValueError("pipeline parallelism (mesh.stage > 1) runs dense models without MTP so far; set "
+                     "mesh.stage=1 for MoE or MTP models")
+  L, n = cfg.n_layers, S * V
+  if L % n:
+    stages = [s for s in range(1, L + 1) if L % (s * V) == 0]
+    raise ValueError(f"n_layers={L} does not split into mesh.stage x train.virtual_stages = {S} x {V} chunks; use "
+                     f"n_layers={L // n * n or n} or {L // n * n + n}, or mesh.stage in {stages}")
+  return make_schedule(step_cfg.pipeline or "1f1b", S, step_cfg.micro_batches, V)
+
+
+def pipeline_loss_and_grads(cfg: ModelConfig, params, batch, *, mesh: Mesh, schedule: Schedule, z_loss: float):
+  """`loss_and_grads` of a dense model pipelined over the `stage` mesh axis: the embedding runs on the first
+  stage, `layers` split into the schedule's chunks, final norm, head and loss on the last stage (a tied embedding's
+  two gradients summed by the executor). The batch is split into `schedule.micro_batches` like `loss_and_grads`."""
+  M = schedule.micro_batches
+  split = jax.tree.map(lambda x: x.reshape(M, x.shape[0] // M, *x.shape[1:]), batch)
+  shared = {k: v for k, v in params.items() if k != "layers"}
+
+  def embed_fn(sh, b):
+    return models.embed(cfg, sh, b["inputs"], b["positions"])
+
+  def stage_fn(p, h, b):
+    return models.run_stack(cfg, p, h, models.context(cfg, b["inputs"], b["positions"], b["segment_ids"]))[0]
+
+  def loss_fn(sh, h, b):
+    x = layers.norm(cfg, sh["final_norm"], h)
+    w, layout = models.head(cfg, sh, x.dtype)
+    # A micro-batch's logits are materialised: the fused head's scan carry is not yet stage-varying.
+    logits = jnp.einsum(f"btd,{layout}->btv", x, w, preferred_element_type=jnp.float32)
+    total, m = models.cross_entropy(logits, b["targets"], b["weights"], z_loss=z_loss)
+    n = m["tokens"]
+    return total * n, n, {"ce": m["ce"] * n, "z_loss": m["z_loss"] * n}
+
+  loss, aux, (g_stage, g_shared) = pipeline_value_and_grad(stage_fn, embed_fn, loss_fn, params["layers"], shared,
+                                                           split, mesh=mesh, schedule=schedule)
+  denom = jnp.maximum(aux["tokens"], 1.0)
+  metrics = {"loss": loss, "ce": aux["ce"] / denom, "z_loss": aux["z_loss"] / denom, "tokens": aux["tokens"]}
+  return metrics, {**g_shared, "layers": g_stage}
+
+
 def train_step(state: State, batch: dict[str, jax.Array], *, cfg: ModelConfig, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, step_cfg: StepConfig) -> tuple[State, dict[str, jax.Array]]:
-  """One optimiser step. A step whose loss or gradients are not finite, or whose loss spikes, is skipped:
+               schedule: optax.Schedule, step_cfg: StepConfig, mesh: Mesh | None = None,
+               pipeline: Schedule | None = None) -> tuple[State, dict[str, jax.Array]]:
+  """One optimiser step (pipelined over `mesh`'s `stage` axis with a `pipeline` schedule). A step whose loss or gradients are not finite, or whose loss spikes, is skipped:
   parameters and optimizer state stay as they were and `skipped` is 1 in the metrics.
 
   MoE models: the router biases get no optimizer update (`optimizer.make_optimizer` freezes them); they move by
   `router_bias_rate` towards balance from this step's expert load (DeepSeek-V3's auxiliary-loss-free balancing).
   """
-  metrics, grads = loss_and_grads(cfg, state["params"], batch, z_loss=step_cfg.z_loss,
-                                  micro_batches=step_cfg.micro_batches, loss_chunk=step_cfg.loss_chunk,
-                                  mtp_loss_coef=step_cfg.mtp_loss_coef)
+  if pipeline is not None:
+    metrics, grads = pipeline_loss_and_grads(cfg, state["params"], batch, mesh=mesh, schedule=pipeline,
+                                             z_loss=step_cfg.z_loss)
+  else:
+    metrics, grads = loss_and_grads(cfg, state["params"], batch, z_loss=step_cfg.z_loss,
+                                    micro_batches=step_cfg.micro_batches, loss_chunk=step_cfg.loss_chunk,
+                                    mtp_loss_coef=step_cfg.mtp_loss_coef)
   grad_norm = optax.tree.norm(grads)
   leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
   finite = jnp.isfinite(metrics["loss"]) & jnp.all(leaf_finite)
@@ -187,13 +243,16 @@ def moe_metrics(cfg: ModelConfig, params, load_LE) -> dict[str, jax.Array]:
 
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     step_cfg: StepConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES):
-  """`train_step` jitted with the state and batch shardings of `mesh`; the state buffers are donated."""
+  """`train_step` jitted with the state and batch shardings of `mesh`; the state buffers are donated. A mesh with
+  `stage` > 1 pipelines the step (`pipeline_schedule`)."""
+  pipeline = pipeline_schedule(cfg, mesh, step_cfg)
   state_sh = state_shardings(cfg, tx, mesh, rules)
   batch_sh = {k: batch_sharding(mesh, rules) for k in BATCH_KEYS}
 
   def step(state, batch):
     with axis_rules(mesh, rules):
-      return train_step(state, batch, cfg=cfg, tx=tx, schedule=schedule, step_cfg=step_cfg)
+      return train_step(state, batch, cfg=cfg, tx=tx, schedule=schedule, step_cfg=step_cfg, mesh=mesh,
+                        pipeline=pipeline)
 
   return jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
 
