@@ -42,7 +42,7 @@ FLAGS = flags.FLAGS
 def run_eval(lm: jeval.LanguageModel, model_info: dict, output: str | pathlib.Path) -> dict:
   """Evaluates with the flags' settings and writes the JSON and the Markdown table."""
   start = time.perf_counter()
-  results = jeval.evaluate(lm, jeval.get_tasks(FLAGS.tasks), data_dir=FLAGS.data_dir, shots=FLAGS.shots,
+  results = jeval.evaluate(lm, _tasks(), data_dir=FLAGS.data_dir, shots=FLAGS.shots,
                            limit=FLAGS.limit, scoring=FLAGS.scoring, loglik_norm=FLAGS.loglik_norm,
                            n_bootstrap=FLAGS.bootstrap, keep_predictions=FLAGS.predictions)
   results = {"model": model_info, **results, "seconds": round(time.perf_counter() - start, 2)}
@@ -56,14 +56,28 @@ def run_eval(lm: jeval.LanguageModel, model_info: dict, output: str | pathlib.Pa
   return results
 
 
+def _tasks() -> list:
+  try:
+    return jeval.get_tasks(FLAGS.tasks)
+  except ValueError as e:
+    raise app.UsageError(f"--tasks: {e}") from None
+
+
 def main(argv):
   del argv
   if bool(FLAGS.workdir) == bool(FLAGS.hf_dir):
     raise app.UsageError("give exactly one of --workdir and --hf_dir")
   if not FLAGS.output:
     raise app.UsageError("--output is required")
-  cfg, params, sp, info = jeval.load_model(workdir=FLAGS.workdir, hf_dir=FLAGS.hf_dir, step=FLAGS.step,
-                                           tokenizer=FLAGS.tokenizer)
+  _tasks()  # names and scoring modes are checked before a model is loaded
+  unknown = sorted(set(FLAGS.scoring) - set(jeval.SCORINGS))
+  if unknown:
+    raise app.UsageError(f"--scoring: unknown {unknown}; use one or more of {list(jeval.SCORINGS)}")
+  try:
+    cfg, params, sp, info = jeval.load_model(workdir=FLAGS.workdir, hf_dir=FLAGS.hf_dir, step=FLAGS.step,
+                                             tokenizer=FLAGS.tokenizer)
+  except FileNotFoundError as e:
+    raise app.UsageError(str(e)) from None
   logging.info("evaluating %s step %s (%s, %.2fM params)", info["path"], info["step"], cfg.family,
                info["n_params"] / 1e6)
   lm = jeval.LanguageModel(cfg, params, sp, batch_size=FLAGS.batch_size, max_len=FLAGS.max_len)

@@ -80,3 +80,15 @@ def test_eval_of_an_imported_hugging_face_directory(tmp_path):
   assert results["model"]["source"] == "hf" and results["model"]["step"] is None
   assert list(results["scores"]) == ["jmmlu/loglik"] and results["scores"]["jmmlu/loglik"]["metric"] == "acc_token"
   assert results["average"] is None and "AVG" not in out.with_suffix(".md").read_text()
+
+
+def test_bad_task_scoring_and_workdir_fail_in_one_line_before_loading(tmp_path):
+  out = tmp_path / "results.json"
+  cases = {"--tasks=jcommonsenseqa,jnli": "--tasks: unknown tasks ['jnli']",
+           "--scoring=loglik,bogus": "--scoring: unknown ['bogus']",
+           "--limit=1": "holds no checkpoints"}
+  for flag, message in cases.items():
+    cmd = [sys.executable, "-m", "experiments.eval", f"--workdir={tmp_path / 'missing'}", f"--output={out}", flag]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not out.exists()
