@@ -8,10 +8,15 @@ last group carry the expert id `E` (no expert) and produce zeros. Then
   gmm(lhs, rhs)[b-th block]      = lhs[b-th block] @ rhs[block_expert[b]]          (forward, and dx with rhs^T)
   tgmm(lhs, dout)[e]             = sum over blocks b of e: lhs[b-th block]^T @ dout[b-th block]   (dW)
 
-`grouped_matmul` ties them together with a custom VJP. The kernels read the block tables and the weights as
-whole arrays and index them inside the kernel (no scalar prefetch), which the Triton lowering (GPU) and the
-interpreter (CPU tests, `interpret=True`) both accept; tile sizes are powers of two, as Triton requires. The
-Mosaic TPU lowering would need the weights in VMEM, so TPU callers should use `jax.lax.ragged_dot` instead.
+`grouped_matmul` ties them together with a custom VJP. Two designs of the same kernels (`backend`):
+  "triton"  here: the block tables and the weights are read as whole arrays and indexed inside the kernel (no
+            scalar prefetch), which the Triton lowering (GPU) and the interpreter (CPU tests) both accept; tile
+            sizes are powers of two, as Triton requires.
+  "mosaic"  moe_gmm_tpu.py: the block tables are scalar prefetch that choose which weight tile streams into
+            VMEM (TPU).
+  "auto"    by the platform the program is lowered for (`lax.platform_dependent`, so a deviceless TPU compile on
+            a CPU host gets Mosaic): TPU Mosaic, CUDA Triton, else the Triton design in the interpreter.
+`interpret=True` runs the chosen design ("auto": Triton's) in the interpreter.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels_pallas import vma
+from kernels_pallas import moe_gmm_tpu, vma
 
 # Triton launch settings: the largest tile edge (64 keeps a block's operands within a GPU's shared memory at
 # bf16/f32), and the warps and software-pipeline stages of each program.
@@ -43,13 +48,9 @@ def _interpret(interpret: bool | None) -> bool:
 
 
 def _compiler_params(interpret: bool):
-  """Triton settings on GPU; none for the interpreter. Other backends are refused (see module docstring)."""
+  """Triton settings; none for the interpreter."""
   if interpret:
     return None
-  backend = jax.default_backend()
-  if backend != "gpu":
-    raise NotImplementedError(f"the Pallas GMM kernel lowers for GPU (Triton) only, not {backend!r}; "
-                              "use interpret=True or jax.lax.ragged_dot")
   from jax.experimental.pallas import triton as pltriton  # pylint: disable=import-outside-toplevel
   return pltriton.CompilerParams(**TRITON_PARAMS)
 
@@ -83,10 +84,35 @@ def _gmm_kernel(be_ref, lhs_ref, rhs_ref, out_ref, *, num_experts: int, bk: int,
     out_ref[...] = jnp.zeros((bm, bn), out_ref.dtype)
 
 
+BACKENDS = ("auto", "triton", "mosaic")
+
+
+def _by_backend(triton_fn, mosaic_fn, args, interpret: bool | None, backend: str):
+  """triton_fn(*args, interpret=...) or mosaic_fn(*args, interpret=...) as `backend` and `interpret` choose
+  (module docstring)."""
+  if backend == "mosaic":
+    return mosaic_fn(*args, interpret=bool(interpret))
+  if backend == "triton":
+    return triton_fn(*args, interpret=_interpret(interpret))
+  if backend != "auto":
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  if interpret:
+    return triton_fn(*args, interpret=True)
+  return lax.platform_dependent(
+      *args, tpu=functools.partial(mosaic_fn, interpret=False), cuda=functools.partial(triton_fn, interpret=False),
+      default=functools.partial(triton_fn, interpret=interpret is None))
+
+
 def gmm(lhs: jax.Array, rhs: jax.Array, block_expert: jax.Array, *, block_rows: int, transpose_rhs: bool = False,
-        interpret: bool | None = None) -> jax.Array:
+        interpret: bool | None = None, backend: str = "auto") -> jax.Array:
   """lhs [M, K] (M = blocks * block_rows), rhs [E, K, N] (or [E, N, K] with transpose_rhs), block_expert int32
   [blocks] -> [M, N]: each row block times the weight of its expert (zeros for blocks of expert id E)."""
+  kw = dict(block_rows=block_rows, transpose_rhs=transpose_rhs)
+  return _by_backend(functools.partial(_gmm_triton, **kw), functools.partial(moe_gmm_tpu.gmm, **kw),
+                     (lhs, rhs, block_expert), interpret, backend)
+
+
+def _gmm_triton(lhs, rhs, block_expert, *, block_rows: int, transpose_rhs: bool, interpret: bool) -> jax.Array:
   m, k = lhs.shape
   num_experts = rhs.shape[0]
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -94,7 +120,6 @@ def gmm(lhs: jax.Array, rhs: jax.Array, block_expert: jax.Array, *, block_rows: 
   assert nb * block_rows == m and block_expert.shape == (nb,), (lhs.shape, block_rows, block_expert.shape)
   lhs, rhs, block_expert = vma.vary_alike(lhs, rhs, block_expert)  # (inside shard_map: one output type)
   bk, bn = _tile(k), _tile(n)
-  interpret = _interpret(interpret)
   kernel = functools.partial(_gmm_kernel, num_experts=num_experts, bk=bk, nk=k // bk, transpose_rhs=transpose_rhs)
   return pl.pallas_call(
       kernel,
@@ -124,15 +149,21 @@ def _tgmm_kernel(off_ref, lhs_ref, dout_ref, out_ref, *, bm: int):
   out_ref[...] = acc.astype(out_ref.dtype)
 
 
-def tgmm(lhs: jax.Array, dout: jax.Array, block_offsets: jax.Array, num_experts: int, *, block_rows: int,
-         interpret: bool | None = None) -> jax.Array:
-  """lhs [M, K], dout [M, N], block_offsets int32 [E + 1] -> [E, K, N]: per expert, lhs^T @ dout over the
-  expert's row blocks (zeros for an expert without blocks)."""
+def tgmm(lhs: jax.Array, dout: jax.Array, block_expert: jax.Array, block_offsets: jax.Array, num_experts: int, *,
+         block_rows: int, interpret: bool | None = None, backend: str = "auto") -> jax.Array:
+  """lhs [M, K], dout [M, N], the layout's block_expert [blocks] and block_offsets int32 [E + 1] -> [E, K, N]:
+  per expert, lhs^T @ dout over the expert's row blocks (zeros for an expert without blocks)."""
+  kw = dict(num_experts=num_experts, block_rows=block_rows)
+  triton_fn = lambda lhs, dout, be, off, **k: _tgmm_triton(lhs, dout, off, **kw, **k)
+  return _by_backend(triton_fn, functools.partial(moe_gmm_tpu.tgmm, **kw), (lhs, dout, block_expert, block_offsets),
+                     interpret, backend)
+
+
+def _tgmm_triton(lhs, dout, block_offsets, *, num_experts: int, block_rows: int, interpret: bool) -> jax.Array:
   m, k = lhs.shape
   n = dout.shape[1]
   lhs, dout, block_offsets = vma.vary_alike(lhs, dout, block_offsets)
   bk, bn = _tile(k), _tile(n)
-  interpret = _interpret(interpret)
   return pl.pallas_call(
       functools.partial(_tgmm_kernel, bm=block_rows),
       grid=(num_experts, k // bk, n // bn),
@@ -147,23 +178,24 @@ def tgmm(lhs: jax.Array, dout: jax.Array, block_offsets: jax.Array, num_experts:
   )(block_offsets, lhs, dout)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, block_expert: jax.Array, block_offsets: jax.Array,
-                   block_rows: int, interpret: bool | None = None) -> jax.Array:
+                   block_rows: int, interpret: bool | None = None, backend: str = "auto") -> jax.Array:
   """`gmm` with gradients: d lhs = gmm(dout, rhs^T), d rhs = tgmm(lhs, dout). Both tables must describe the
   same layout (block_expert[b] = e for block_offsets[e] <= b < block_offsets[e + 1], else E)."""
-  return gmm(lhs, rhs, block_expert, block_rows=block_rows, interpret=interpret)
+  return gmm(lhs, rhs, block_expert, block_rows=block_rows, interpret=interpret, backend=backend)
 
 
-def _grouped_matmul_fwd(lhs, rhs, block_expert, block_offsets, block_rows, interpret):
-  out = gmm(lhs, rhs, block_expert, block_rows=block_rows, interpret=interpret)
+def _grouped_matmul_fwd(lhs, rhs, block_expert, block_offsets, block_rows, interpret, backend):
+  out = gmm(lhs, rhs, block_expert, block_rows=block_rows, interpret=interpret, backend=backend)
   return out, (lhs, rhs, block_expert, block_offsets)
 
 
-def _grouped_matmul_bwd(block_rows, interpret, res, dout):
+def _grouped_matmul_bwd(block_rows, interpret, backend, res, dout):
   lhs, rhs, block_expert, block_offsets = res
-  dlhs = gmm(dout, rhs, block_expert, block_rows=block_rows, transpose_rhs=True, interpret=interpret)
-  drhs = tgmm(lhs, dout, block_offsets, rhs.shape[0], block_rows=block_rows, interpret=interpret)
+  kw = dict(block_rows=block_rows, interpret=interpret, backend=backend)
+  dlhs = gmm(dout, rhs, block_expert, transpose_rhs=True, **kw)
+  drhs = tgmm(lhs, dout, block_expert, block_offsets, rhs.shape[0], **kw)
   return dlhs, drhs.astype(rhs.dtype), None, None
 
 

@@ -4,11 +4,33 @@ benchmarks/moe_throughput.py measures the choices.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 # moe_ffn's "auto" implementation per jax backend; any other backend gets "ragged". CPU: XLA:CPU lowers
 # ragged_dot to a masked product over all experts (E times the work), so batched einsums over padded groups win.
-# GPU: our Pallas grouped-matmul kernel. TPU: XLA's own ragged_dot (the kernel has no Mosaic TPU lowering).
+# GPU: our Pallas grouped-matmul kernel (Triton). TPU: XLA's own ragged_dot until the Mosaic lowering of our
+# kernel (kernels_pallas/moe_gmm_tpu.py) is timed on a chip; "pallas" selects it (`use_impl`, the pre-flight's
+# --moe_impl).
 IMPL_BY_BACKEND = {"cpu": "padded", "gpu": "pallas"}
 DEFAULT_IMPL = "ragged"
+
+
+@contextlib.contextmanager
+def use_impl(impl: str) -> Iterator[None]:
+  """Within this context (while tracing) "auto" on the host's backend means `impl`: a program compiled for a TPU
+  topology from a CPU host (the pre-flight) wants the TPU's choice, not the host's."""
+  import jax  # pylint: disable=import-outside-toplevel
+  backend = jax.default_backend()
+  before = IMPL_BY_BACKEND.get(backend)
+  IMPL_BY_BACKEND[backend] = impl
+  try:
+    yield
+  finally:
+    if before is None:
+      del IMPL_BY_BACKEND[backend]
+    else:
+      IMPL_BY_BACKEND[backend] = before
 
 # Expert-parallel local experts where "auto" would pick "pallas": XLA's ragged_dot. The kernel type-checks under
 # shard_map, but jax 0.10.2's interpreter cannot run it there (it slices varying refs with invariant indices), so
