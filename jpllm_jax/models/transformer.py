@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jpllm_jax.models import layers, mla, moe
+from jpllm_jax.models.strategy import probe
 from jpllm_jax.models.config import ModelConfig
 from jpllm_jax.models.layers import ParamSpec
 from jpllm_jax.parallel.logical import logical_constraint
@@ -165,9 +166,10 @@ def _gqa(cfg: ModelConfig, p: Params, h, positions, mask, kv_write: Callable | N
 def _mlp(cfg: ModelConfig, p: Params, h):
   up = layers.dense(h, p["up"], "btd,df->btf")
   if cfg.mlp == "swiglu":
-    up = layers.activation(cfg.activation, layers.dense(h, p["gate"], "btd,df->btf")) * up
+    up = probe("mlp.activation", layers.activation(cfg.activation, layers.dense(h, p["gate"], "btd,df->btf")),
+               ("batch", "length", "mlp")) * up
   else:
-    up = layers.activation(cfg.activation, up)
+    up = probe("mlp.activation", layers.activation(cfg.activation, up), ("batch", "length", "mlp"))
   up = logical_constraint(up, ("batch", "length", "mlp"))
   return layers.dense(up, p["down"], "btf,fd->btd")
 
@@ -179,18 +181,19 @@ def _block(cfg: ModelConfig, p: Params, x, positions, mask, kv_write: Callable |
   `kv_write(a, b) -> (a_all, b_all)` inserts this step's keys/values (MLA: latent and RoPE key) into a
   cache when decoding. `token_weights` [B, T] (0 on padding) weight the MoE statistics.
   """
-  h = layers.norm(cfg, p["attn_norm"], x)
+  # `probe`: identity, except in the checking run that locates a non-finite value (train/nonfinite.py).
+  h = probe("attn_norm", layers.norm(cfg, p["attn_norm"], x), BTD)
   attend = mla.attention if cfg.attention.kind == "mla" else _gqa
-  x = x + attend(cfg, p["attn"], h, positions, mask, kv_write, inv_freq)
+  x = x + probe("attention", attend(cfg, p["attn"], h, positions, mask, kv_write, inv_freq), BTD)
   x = logical_constraint(x, BTD)
 
-  h = layers.norm(cfg, p["mlp_norm"], x)
+  h = probe("mlp_norm", layers.norm(cfg, p["mlp_norm"], x), BTD)
   if "router" in p:
     y, stats = moe.ffn(cfg, p, h, token_weights, with_stats)
   else:
     y, stats = _mlp(cfg, p["mlp"], h), None
-  x = x + y
-  return logical_constraint(x, BTD), stats
+  x = x + probe("moe" if "router" in p else "mlp", y, BTD)
+  return probe("residual", logical_constraint(x, BTD), BTD), stats
 
 
 def embed(cfg: ModelConfig, params: Params, tokens, positions):
@@ -214,7 +217,7 @@ def head(cfg: ModelConfig, params: Params, dtype) -> tuple[jax.Array, str]:
 
 def _logits(cfg: ModelConfig, params: Params, x, dtype):
   w, layout = head(cfg, params, dtype)
-  logits = jnp.einsum(f"btd,{layout}->btv", x, w, preferred_element_type=jnp.float32)
+  logits = layers.matmul(f"btd,{layout}->btv", x, w, name="lm_head", preferred_element_type=jnp.float32)
   return logical_constraint(logits, ("batch", "length", "vocab"))
 
 
@@ -352,7 +355,7 @@ def _mtp(cfg: ModelConfig, params: Params, tokens, h, ctx: Context):
     ahead = jnp.pad(tokens[:, k + 1:], ((0, 0), (0, k + 1)))
     e = layers.norm(cfg, p["enorm"], embed(cfg, params, ahead, ctx.positions))
     z = jnp.concatenate([e, layers.norm(cfg, p["hnorm"], h)], axis=-1)
-    z = layers.dense(z, _cast_layer(p["proj"], dtype), "btd,de->bte")
+    z = layers.dense(z, _cast_layer(p["proj"], dtype), "btd,de->bte", "mtp_proj")
     h, s = _block(cfg, _cast_layer(p["block"], dtype), z, ctx.positions, mask, None, ctx.inv_freq,
                   ctx.token_weights, True)
     outs.append(layers.norm(cfg, p["norm"], h))
