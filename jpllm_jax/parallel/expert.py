@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jpllm_jax.models.strategy import Strategy
+from jpllm_jax.models.strategy import Strategy, probe
 from jpllm_jax.moe import ops, tuning
 from jpllm_jax.parallel.logical import Rules, logical_to_spec
 from kernels_pallas import vma
@@ -105,6 +105,7 @@ def moe_ffn_expert_parallel(x: jax.Array, expert_ids: jax.Array, gates: jax.Arra
                                                  capacity_factor=capacity_factor, impl=impl, activation=activation)
     if tp:
       y = jax.lax.psum(y, tp)
+    y = probe("moe.experts", y)  # inside the shard_map: a checking run sees each device's tokens.
     return y, {"load": jax.lax.psum(load, tok), "dropped": jax.lax.psum(dropped, tok)}
 
   tokens, w_in, w_out = P(tok, None), P(expert_axis, None, tp), P(expert_axis, tp, None)
