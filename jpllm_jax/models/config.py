@@ -6,7 +6,7 @@ network (widths, depth, norms, MLP, positions, embeddings, initialisation) and g
   attention  AttentionConfig: heads, biases, the sliding window, and DeepSeek's latent attention (mla.py).
   moe        MoEConfig: routed and shared experts, the router, auxiliary losses (moe.py); n_experts = 0: dense.
   mtp        MTPConfig: DeepSeek-V3 multi-token prediction blocks.
-  numerics   NumericsConfig: storage and compute dtypes, activation checkpointing.
+  numerics   NumericsConfig: storage and compute dtypes, activation checkpointing, the matmul (FP8) policy.
 
 Inside a group the fields keep their old flat names (`moe.n_experts`, `numerics.dtype`), except
 `attention.kind` (flat `attention`) and `mtp.depth` (flat `mtp_depth`). `make(**flat)` maps flat names to
@@ -28,6 +28,9 @@ ATTENTIONS = ("gqa", "mla")  # grouped-query (multi-head when K = H) or DeepSeek
 ROUTERS = ("softmax", "sigmoid")  # Mixtral's softmax top-k, DeepSeek-V3's sigmoid with group-limited top-k.
 # Activation checkpointing of each layer: what the backward pass may keep instead of recomputing.
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_proj")
+# The matmul policy of every dense projection (models/fp8.py): the compute dtype, or FP8 (E4M3) with per-tensor
+# current scaling, per-tensor delayed scaling (an amax history), or DeepSeek-V3's 1x128 / 128x128 blockwise scaling.
+MATMULS = ("default", "fp8_tensorwise", "fp8_delayed", "fp8_blockwise")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -125,9 +128,21 @@ class NumericsConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"  # one of REMAT_POLICIES; gradients are identical, memory and time differ.
+  matmul: str = "default"  # one of MATMULS: the policy of the dense projections (models/fp8.py).
+  # Comma-separated projection names kept in the compute dtype under an FP8 policy (DeepSeek-V3 and Transformer
+  # Engine keep the embedding, output head and router in higher precision); names in models/fp8.py NAMES.
+  fp8_exclude: str = "embed,lm_head,router"
+  fp8_from_step: int = 0  # > 0: steps before it train in the compute dtype, the rest in FP8 (LLM-jp's hybrid run).
+  fp8_history: int = 16  # fp8_delayed: steps of amax history per projection (the scale uses its maximum).
 
   def __post_init__(self):
     _check(self.remat in REMAT_POLICIES, f"remat={self.remat!r} not in {REMAT_POLICIES}")
+    _check(self.matmul in MATMULS, f"matmul={self.matmul!r} not in {MATMULS}")
+    _check(self.fp8_from_step >= 0 and self.fp8_history > 0, "fp8_from_step must be >= 0, fp8_history > 0")
+
+  @property
+  def fp8_excluded(self) -> frozenset[str]:
+    return frozenset(n.strip() for n in self.fp8_exclude.split(",") if n.strip())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jpllm_jax import cpu
+from jpllm_jax.models import fp8
 from jpllm_jax.models.config import ModelConfig
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row gives no NaN.
@@ -185,39 +187,52 @@ def activation(name: str, x):
   raise ValueError(f"unknown activation {name!r}")
 
 
-def dense(x, p: dict, eq: str):
-  """Einsum with an optional bias: the one projection helper of the models."""
-  y = matmul(eq, x, p["kernel"])
+def dense(x, p: dict, eq: str, name: str = "dense"):
+  """Einsum with an optional bias: the one projection helper of the models (`name`: see `matmul`)."""
+  y = matmul(eq, x, p["kernel"], name=name)
   if "bias" in p:
     y = y + p["bias"]
   return y
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def matmul(eq: str, x, w):
-  """`jnp.einsum(eq, x, w)` for a projection (every index of `w` is in `x` or the output), whose backward
-  pass computes dx and dw as two plain einsums of the cotangent.
+def matmul(eq: str, x, w, *, name: str = "dense", preferred_element_type=None):
+  """`jnp.einsum(eq, x, w)` for a projection (every index of `w` is in `x` or the output): the one place every
+  projection's GEMM goes through. Under the injected FP8 policy (`fp8.current(name)`; `name` one of fp8.NAMES,
+  checked against `numerics.fp8_exclude`) it runs as FP8 GEMMs; else in the compute dtype, with
+  `preferred_element_type` as jnp.einsum's or, without it, a backward pass of two plain einsums (`_einsum`)."""
+  pol = fp8.current(name)
+  if pol is not None:
+    y = fp8.einsum(pol, eq, x, w)
+    return y if preferred_element_type is None else y.astype(preferred_element_type)
+  if preferred_element_type is not None:
+    return jnp.einsum(eq, x, w, preferred_element_type=preferred_element_type)
+  return _einsum(eq, x, w)
 
-  On CPU the cotangent goes through an optimisation barrier first: otherwise XLA fuses the elementwise
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _einsum(eq: str, x, w):
+  """`jnp.einsum(eq, x, w)` whose backward pass computes dx and dw as two plain einsums of the cotangent.
+
+  On CPU (the platform profile's `grad_barrier`) the cotangent goes through an optimisation barrier first: otherwise XLA fuses the elementwise
   backward ops into a transposing copy for the weight gradient, a slow strided pass over the activations
   (benchmarks/train_throughput.py measures it).
   """
   return jnp.einsum(eq, x, w)
 
 
-def _matmul_fwd(eq, x, w):
+def _einsum_fwd(eq, x, w):
   return jnp.einsum(eq, x, w), (x, w)
 
 
-def _matmul_bwd(eq, res, dy):
+def _einsum_bwd(eq, res, dy):
   x, w = res
   lhs, rest = eq.split(",")
   rhs, out = rest.split("->")
-  if jax.default_backend() == "cpu":
+  if cpu.profile().grad_barrier(jax.default_backend()):
     dy = jax.lax.optimization_barrier(dy)
   dx = jnp.einsum(f"{out},{rhs}->{lhs}", dy, w).astype(x.dtype)
   dw = jnp.einsum(f"{lhs},{out}->{rhs}", x, dy).astype(w.dtype)
   return dx, dw
 
 
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_einsum.defvjp(_einsum_fwd, _einsum_bwd)

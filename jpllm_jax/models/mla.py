@@ -65,12 +65,12 @@ def _project(cfg: ModelConfig, p: dict, h_BTD, positions, inv_freq):
   """q_nope [B,T,H,N], rotated q_rope [B,T,H,P], normed latent c_kv [B,T,C], rotated k_rope [B,T,P]."""
   N, C = cfg.attention.qk_nope_head_dim, cfg.attention.kv_lora_rank
   if cfg.attention.q_lora_rank is None:
-    q = layers.dense(h_BTD, p["q"], "btd,dhe->bthe")
+    q = layers.dense(h_BTD, p["q"], "btd,dhe->bthe", "attn")
   else:
-    q = layers.dense(h_BTD, p["q_a"], "btd,dq->btq")
-    q = layers.dense(layers.rms_norm(q, p["q_norm"]["scale"], LATENT_NORM_EPS), p["q_b"], "btq,qhe->bthe")
+    q = layers.dense(h_BTD, p["q_a"], "btd,dq->btq", "attn")
+    q = layers.dense(layers.rms_norm(q, p["q_norm"]["scale"], LATENT_NORM_EPS), p["q_b"], "btq,qhe->bthe", "attn")
   q = checkpoint_name(logical_constraint(q, ("batch", "length", "heads", "head_dim")), "qkv_proj")
-  kv = checkpoint_name(layers.dense(h_BTD, p["kv_a"], "btd,dc->btc"), "qkv_proj")
+  kv = checkpoint_name(layers.dense(h_BTD, p["kv_a"], "btd,dc->btc", "attn"), "qkv_proj")
   c_kv = layers.rms_norm(kv[..., :C], p["kv_norm"]["scale"], LATENT_NORM_EPS)
   q_nope, q_rope, k_rope = q[..., :N], q[..., N:], kv[..., None, C:]
   if cfg.attention.rope_interleave:
@@ -94,7 +94,7 @@ def attention(cfg: ModelConfig, p: dict, h_BTD, positions, mask, kv_write: Calla
   q_nope, q_rope, c_kv, k_rope = _project(cfg, p, h_BTD, positions, inv_freq)
   scale = softmax_scale(cfg)
   if kv_write is None:
-    kv = layers.dense(c_kv, p["kv_b"], "btc,che->bthe")
+    kv = layers.dense(c_kv, p["kv_b"], "btc,che->bthe", "attn")
     k_nope, v = kv[..., :N], kv[..., N:]
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], (*k_rope.shape[:2], H, k_rope.shape[-1]))],
                         axis=-1)
@@ -104,7 +104,7 @@ def attention(cfg: ModelConfig, p: dict, h_BTD, positions, mask, kv_write: Calla
     c_all, r_all = kv_write(c_kv, k_rope)
     a = absorbed_attention(q_nope, q_rope, c_all, r_all, p["kv_b"]["kernel"], mask, N, scale)
   a = logical_constraint(a, ("batch", "length", "heads", "head_dim"))
-  return layers.dense(a, p["o"], "bthe,hed->btd")
+  return layers.dense(a, p["o"], "bthe,hed->btd", "attn")
 
 
 def absorbed_attention(q_nope_BTHN, q_rope_BTHP, c_BSC, k_rope_BSP, kv_b_CHE, mask_BTS, n_nope: int, scale: float):

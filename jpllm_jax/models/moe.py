@@ -62,7 +62,8 @@ def route(cfg: ModelConfig, p: dict, x_ND):
   `probs` are the softmax probabilities or the sigmoid affinities, the inputs of the balance losses.
   """
   k = cfg.moe.n_experts_per_tok
-  logits = jnp.einsum("nd,de->ne", x_ND.astype(jnp.float32), p["kernel"].astype(jnp.float32))
+  logits = layers.matmul("nd,de->ne", x_ND.astype(jnp.float32), p["kernel"].astype(jnp.float32), name="router",
+                         preferred_element_type=jnp.float32)
   if cfg.moe.router == "softmax":
     probs = jax.nn.softmax(logits, axis=-1)
     gates, ids = jax.lax.top_k(probs, k)
@@ -102,8 +103,8 @@ def ffn(cfg: ModelConfig, p: dict, h_BTD, token_weights_BT=None, with_stats: boo
   y = y.astype(h_BTD.dtype)
   if "shared" in p:  # DeepSeekMoE's shared experts: one dense SwiGLU that every token passes through.
     s = p["shared"]
-    gate = layers.activation(cfg.activation, layers.dense(x, s["gate"], "nd,df->nf"))
-    y = y + layers.dense(gate * layers.dense(x, s["up"], "nd,df->nf"), s["down"], "nf,fd->nd")
+    gate = layers.activation(cfg.activation, layers.dense(x, s["gate"], "nd,df->nf", "shared"))
+    y = y + layers.dense(gate * layers.dense(x, s["up"], "nd,df->nf", "shared"), s["down"], "nf,fd->nd", "shared")
   y = y.reshape(b, t, d)
   if not with_stats:
     return y, None

@@ -19,6 +19,9 @@ differ in the layout and its grouped matmul:
             the interpreter elsewhere (tests).
   "auto"    "padded" on CPU, "pallas" on GPU, "ragged" on TPU (our kernel has no Mosaic TPU lowering).
 
+Under an FP8 matmul policy (jpllm_jax.models.fp8, injected by the train step) the padded and blocked grouped
+matmuls run as FP8 GEMMs, and "ragged" and "pallas" run the block layout with FP8 GEMMs per block.
+
 `expert_mixture` (dispatch, experts and the gate-weighted combine) has one custom VJP for all layouts. It keeps
 its residuals (the gate and up projections) in assignment order, so the switch's branches share them without
 padding them to a common shape; its gathers between tokens and rows transpose to gathers (each kept assignment
@@ -34,6 +37,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jpllm_jax import cpu
 from jpllm_jax.moe import tuning
 from kernels_pallas import moe_dispatch, vma
 
@@ -51,8 +55,9 @@ def _round_up(a: int, b: int) -> int:
 
 
 def default_impl() -> str:
-  """The implementation "auto" picks on the default backend (tuning.IMPL_BY_BACKEND, module docstring)."""
-  return tuning.IMPL_BY_BACKEND.get(jax.default_backend(), tuning.DEFAULT_IMPL)
+  """The implementation "auto" picks on the default backend (the platform profile's, from tuning.IMPL_BY_BACKEND;
+  module docstring)."""
+  return cpu.profile().moe_impl(jax.default_backend())
 
 
 def default_block_rows(assignments: int, num_experts: int) -> int:
@@ -101,7 +106,7 @@ def block_tables(kept, block_rows: int, max_kept: int):
 def _padded_mm(rows, w_EKN):
   """Equal groups: [E * C, K] x [E, K, N] as one batched einsum."""
   e = w_EKN.shape[0]
-  out = _layers().matmul("eck,ekn->ecn", rows.reshape(e, -1, rows.shape[-1]), w_EKN)
+  out = _layers().matmul("eck,ekn->ecn", rows.reshape(e, -1, rows.shape[-1]), w_EKN, name="experts")
   return out.reshape(rows.shape[0], -1)
 
 
@@ -145,6 +150,28 @@ def _blocked_mm_bwd(block_rows, res, dout):
 blocked_mm.defvjp(_blocked_mm_fwd, _blocked_mm_bwd)
 
 
+def _fp8_policy():
+  """The injected FP8 policy of the routed experts (jpllm_jax.models.fp8), or None."""
+  from jpllm_jax.models import fp8  # pylint: disable=import-outside-toplevel
+  return fp8.current("experts")
+
+
+def blocked_mm_fp8(pol, rows, w_EKN, block_expert, block_rows: int):
+  """`blocked_mm` with each block's product an FP8 GEMM of `pol` (differentiated through the loop: the GEMM's own
+  VJP makes dgrad and wgrad FP8 too)."""
+  from jpllm_jax.models import fp8  # pylint: disable=import-outside-toplevel
+  num_experts, k, n = w_EKN.shape
+
+  def body(_, blk):
+    r, e = blk
+    zeros = lambda: vma.zeros((block_rows, n), r.dtype, r, w_EKN)
+    product = lambda: fp8.einsum(pol, "mk,kn->mn", r, w_EKN[jnp.minimum(e, num_experts - 1)]).astype(r.dtype)
+    return None, jax.lax.cond(e < num_experts, product, zeros)
+
+  _, out = jax.lax.scan(body, None, (rows.reshape(-1, block_rows, k), block_expert))
+  return out.reshape(rows.shape[0], n)
+
+
 def _layout(spec: tuple, e_A, rank, keep, kept, max_kept: int):
   """(row_src, row_of, mm) of a layout spec: ("ragged",), ("padded", C), ("blocked", B), ("pallas", B,
   interpret); mm(rows, w [E, K, N]) is the layout's grouped matmul."""
@@ -161,6 +188,8 @@ def _layout(spec: tuple, e_A, rank, keep, kept, max_kept: int):
   nb, base, block_expert, offsets = block_tables(kept, bm, max_kept)
   row_src, row_of = _rows(e_A, rank, keep, base, nb * bm)
   if kind == "blocked":
+    if (pol := _fp8_policy()) is not None:
+      return row_src, row_of, lambda r, w: blocked_mm_fp8(pol, r, w, block_expert, bm)
     return row_src, row_of, lambda r, w: blocked_mm(r, w, block_expert, bm)
   if kind == "pallas":
     return row_src, row_of, lambda r, w: moe_dispatch.grouped_matmul(r, w, block_expert, offsets, bm, spec[2])
@@ -238,22 +267,31 @@ def expert_mixture(cfg: _Config, x, weights_A, w_gate, w_up, w_down, e_A, rank, 
   return _expert_mixture_fwd(cfg, x, weights_A, w_gate, w_up, w_down, e_A, rank, keep, kept)[0]
 
 
+def _unprobed():
+  """FP8 statistics off (jpllm_jax.models.fp8): this custom VJP cannot pass a cotangent to their closed-over probe."""
+  from jpllm_jax.models import fp8  # pylint: disable=import-outside-toplevel
+  return fp8.unprobed()
+
+
 def _expert_mixture_fwd(cfg, x, weights_A, w_gate, w_up, w_down, e_A, rank, keep, kept):
   args = (x, weights_A, w_gate, w_up, w_down, e_A, rank, keep, kept)
   idx = _branch_index(cfg, kept)
-  if idx is None:
-    y, g_A, u_A = _forward(cfg, cfg.layouts[0], *args)
-  else:
-    y, g_A, u_A = jax.lax.switch(idx, [functools.partial(_forward, cfg, s) for s in cfg.layouts], *args)
+  with _unprobed():
+    if idx is None:
+      y, g_A, u_A = _forward(cfg, cfg.layouts[0], *args)
+    else:
+      y, g_A, u_A = jax.lax.switch(idx, [functools.partial(_forward, cfg, s) for s in cfg.layouts], *args)
   return y, (args, g_A, u_A, idx)
 
 
 def _expert_mixture_bwd(cfg, res, dy):
   args, g_A, u_A, idx = res
-  if idx is None:
-    grads = _backward(cfg, cfg.layouts[0], *args, g_A, u_A, dy)
-  else:
-    grads = jax.lax.switch(idx, [functools.partial(_backward, cfg, s) for s in cfg.layouts], *args, g_A, u_A, dy)
+  with _unprobed():
+    if idx is None:
+      grads = _backward(cfg, cfg.layouts[0], *args, g_A, u_A, dy)
+    else:
+      grads = jax.lax.switch(idx, [functools.partial(_backward, cfg, s) for s in cfg.layouts], *args, g_A, u_A,
+                             dy)
   return (*grads, None, None, None, None)
 
 
@@ -301,10 +339,13 @@ def experts_config(impl: str, k: int, activation: str, assignments: int, num_exp
   """The static settings of `expert_mixture` for a resolved `impl` (not "auto"): its layouts and when each is
   used, for `assignments` rows expected over `num_experts` experts, at most `capacity` per expert."""
   bm = block_rows or default_block_rows(assignments, num_experts)
+  if impl in ("ragged", "pallas") and _fp8_policy() is not None:
+    impl = "blocked"  # neither ragged_dot nor the Pallas GMM takes block-scaled FP8 operands yet
   if impl == "padded":
     layouts, limits = _padded_layouts(assignments, num_experts, capacity, max_kept, bm)
   else:
-    layouts, limits = ((impl, bm, interpret) if impl == "pallas" else (impl,),), ()
+    spec = {"pallas": (impl, bm, interpret), "blocked": (impl, bm)}.get(impl, (impl,))
+    layouts, limits = (spec,), ()
   return _Config(k, activation, max_kept, layouts, limits)
 
 

@@ -15,7 +15,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jpllm_jax import models
-from jpllm_jax.models import layers, moe
+from jpllm_jax.models import fp8, layers, moe
 from jpllm_jax.models.config import ModelConfig
 from jpllm_jax.parallel import DEFAULT_RULES, axis_rules, logical_to_spec, shardings
 from jpllm_jax.parallel.logical import Rules
@@ -79,6 +79,11 @@ def _mtp_targets(batch, k: int):
 
 
 def _loss_sums(cfg: ModelConfig, params, batch, z_loss: float, loss_chunk: int, mtp_loss_coef: float = 0.0):
+  with fp8.probing(params) as params:  # (params may carry the FP8 statistics probe: models/fp8.py)
+    return _model_loss_sums(cfg, params, batch, z_loss, loss_chunk, mtp_loss_coef)
+
+
+def _model_loss_sums(cfg: ModelConfig, params, batch, z_loss: float, loss_chunk: int, mtp_loss_coef: float = 0.0):
   """Summed (not averaged) loss terms over a batch, so micro-batches add up exactly: (total, sums) with sums
   {"loss" (= total), "ce", "z_loss", "tokens"} and, for MoE / MTP models, "moe_loss", "expert_load" [L_r, E],
   "mtp_loss" (each a per-token mean times the tokens) and "moe_dropped" (assignments dropped by the capacity).
@@ -199,9 +204,9 @@ def train_step(state: State, batch: dict[str, jax.Array], *, cfg: ModelConfig, t
     metrics, grads = pipeline_loss_and_grads(cfg, state["params"], batch, mesh=mesh, schedule=pipeline,
                                              z_loss=step_cfg.z_loss)
   else:
-    metrics, grads = loss_and_grads(cfg, state["params"], batch, z_loss=step_cfg.z_loss,
-                                    micro_batches=step_cfg.micro_batches, loss_chunk=step_cfg.loss_chunk,
-                                    mtp_loss_coef=step_cfg.mtp_loss_coef)
+    metrics, grads = fp8.train_grads(cfg, state["params"], state["step"], lambda params: loss_and_grads(
+        cfg, params, batch, z_loss=step_cfg.z_loss, micro_batches=step_cfg.micro_batches,
+        loss_chunk=step_cfg.loss_chunk, mtp_loss_coef=step_cfg.mtp_loss_coef))
   grad_norm = optax.tree.norm(grads)
   leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
   finite = jnp.isfinite(metrics["loss"]) & jnp.all(leaf_finite)

@@ -1,0 +1,153 @@
+"""FP8 training: the matmul policy reaches every projection (jaxpr of the train step), the routed experts' layouts,
+the statistics, and the BF16 -> FP8 switch at `fp8_from_step`."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.extend import core as jcore
+import pytest
+
+from jpllm_jax import models
+from jpllm_jax.models import config as mc
+from jpllm_jax.models import fp8, strategy
+from jpllm_jax.moe import ops
+from jpllm_jax.train import step as train_step_lib
+
+V, E = 320, 6  # sizes no other dimension has: a dot with one of them is the head's or the router's
+# DeepSeek-like: MLA, a dense first layer, MoE with shared experts, multi-token prediction.
+DEEPSEEK = mc.make(family="deepseek_v3", vocab_size=V, d_model=64, n_layers=2, d_ff=96, n_heads=4, attention="mla",
+                   q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                   n_experts=E, n_experts_per_tok=2, moe_d_ff=32, n_shared_experts=1, first_k_dense=1,
+                   router="sigmoid", mtp_depth=1, max_seq_len=64)
+LLAMA = mc.make(family="llama", vocab_size=V, d_model=64, n_layers=2, d_ff=96, n_heads=4, n_kv_heads=2,
+                max_seq_len=64)
+
+
+def _dots(jaxpr):
+  """Every dot_general equation of a jaxpr and its sub-jaxprs (scan, cond, switch, custom VJP, pjit bodies)."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield eqn
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+        if isinstance(sub, jcore.ClosedJaxpr):
+          yield from _dots(sub.jaxpr)
+        elif isinstance(sub, jcore.Jaxpr):
+          yield from _dots(sub)
+
+
+def _is_f8(eqn) -> bool:
+  return any(jnp.issubdtype(v.aval.dtype, jnp.floating) and jnp.finfo(v.aval.dtype).bits == 8 for v in eqn.invars)
+
+
+def _step_jaxpr(cfg):
+  tx = optax.adamw(1e-3)
+  state = jax.eval_shape(lambda: train_step_lib.init_state(cfg, tx, jax.random.key(0)))
+  b, t = 2, 32
+  batch = {k: jax.ShapeDtypeStruct((b, t), jnp.int32) for k in train_step_lib.BATCH_KEYS}
+  fn = functools.partial(train_step_lib.train_step, cfg=cfg, tx=tx, schedule=optax.constant_schedule(1e-3),
+                         step_cfg=train_step_lib.StepConfig(loss_chunk=16))
+  return jax.make_jaxpr(fn)(state, batch).jaxpr
+
+
+@pytest.mark.parametrize("cfg", [pytest.param(DEEPSEEK.replace(matmul="fp8_blockwise"), marks=pytest.mark.slow),
+                                 LLAMA.replace(matmul="fp8_tensorwise")], ids=["deepseek-blockwise", "llama-tensorwise"])
+def test_every_projection_of_the_train_step_is_fp8(cfg):
+  """No dot of the FP8 train step bypasses the policy except the excluded head and router and the attention
+  products (batched over heads, not projections); the default policy has no FP8 dot."""
+  jaxpr = _step_jaxpr(cfg)
+  dots = list(_dots(jaxpr))
+  f8 = [e for e in dots if _is_f8(e)]
+  assert len(f8) >= 3 * 7  # forward, dgrad and wgrad of every projection
+  for eqn in dots:
+    if _is_f8(eqn):
+      continue
+    (_, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
+    shapes = [v.aval.shape for v in eqn.invars]
+    excluded = any(V in s or E in s for s in shapes)
+    assert lhs_batch or excluded, f"a projection bypasses the FP8 policy: {shapes}"
+  assert not any(_is_f8(e) for e in _dots(_step_jaxpr(cfg.replace(matmul="default"))))
+
+
+def test_exclusion_names_and_unimplemented_recipes():
+  jaxpr = _step_jaxpr(LLAMA.replace(matmul="fp8_blockwise", fp8_exclude="embed,lm_head,router,dense"))
+  assert not any(_is_f8(e) for e in _dots(jaxpr))  # every GQA / MLP projection of transformer.py is "dense"
+  with pytest.raises(ValueError, match="not projection names"):
+    fp8.policy(LLAMA.replace(matmul="fp8_blockwise", fp8_exclude="attention"))
+  with pytest.raises(NotImplementedError, match="delayed"):
+    fp8.policy(LLAMA.replace(matmul="fp8_delayed"))
+  with pytest.raises(ValueError, match="matmul"):
+    LLAMA.replace(matmul="fp8")
+
+
+@pytest.mark.parametrize("impl", ["padded", "ragged", "pallas"])
+def test_routed_experts_run_fp8_in_every_layout(impl):
+  """Under the policy the padded layout's batched GEMM and the block layout (which ragged and pallas switch to)
+  are FP8, forward and backward (a jaxpr check: compiling the switch of padded layouts takes ~20 s)."""
+  n, d, f = 64, 32, 48
+  ks = jax.random.split(jax.random.key(0), 5)
+  x = jax.random.normal(ks[0], (n, d))
+  ids = jax.random.randint(ks[1], (n, 2), 0, E)
+  gates = jax.nn.softmax(jax.random.normal(ks[2], (n, 2)))
+  wg, wu = (0.1 * jax.random.normal(k, (E, d, f)) for k in ks[3:5])
+  wd = 0.1 * jax.random.normal(ks[4], (E, f, d))
+
+  def loss(x, wg, wu, wd):
+    return jnp.sum(ops.moe_ffn(x, ids, gates, wg, wu, wd, impl=impl, interpret=True)[0] ** 2)
+
+
+  with strategy.update(matmul=fp8.Policy("blockwise")):
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, wg, wu, wd).jaxpr
+    dots = list(_dots(jaxpr))
+    assert any(_is_f8(e) for e in dots) and all(_is_f8(e) for e in dots if E not in e.invars[1].aval.shape[:1])
+    assert not any(e.primitive.name in ("ragged_dot_general", "pallas_call") for e in jaxpr.eqns)
+
+
+
+def test_fp8_statistics_count_flushed_elements():
+  """The probe's gradient counts, per GEMM, the elements that E4M3 flushes to zero: a tensor-scaled operand with
+  an outlier token flushes the small values; blockwise 1x128 tiles keep them."""
+  x = jnp.full((128, 256), 1e-3).at[0].set(1e3)  # one outlier token: tensorwise scale 1e3 / 448
+  w = jnp.full((256, 128), 0.01)
+  for scaling, flushed in (("tensorwise", True), ("blockwise", False)):
+    pol = fp8.Policy(scaling)
+
+    def f(p):
+      with fp8.probing(p) as p:
+        return jnp.sum(fp8.einsum(pol, "mk,kn->mn", x, p["w"]))
+
+    _, st = fp8.stats(jax.jit(jax.grad(f))(fp8.with_probe({"w": w})))
+    assert float(st["fp8_overflow"]) == 0.0  # current scaling never saturates
+    assert (float(st["fp8_underflow"]) > 0.2) == flushed, (scaling, st)
+
+
+@pytest.mark.slow
+def test_hybrid_run_switches_to_fp8_at_fp8_from_step():
+  """fp8_from_step=2: steps 0 and 1 are the compute-dtype steps (the same losses as a default run), step 2 on is
+  FP8 (statistics logged) and close to the default run's loss."""
+  tx = optax.adamw(1e-3)
+  tokens = jax.random.randint(jax.random.key(1), (2, 33), 0, V)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": jnp.ones((2, 32), jnp.int32),
+           "positions": jnp.broadcast_to(jnp.arange(32), (2, 32)), "weights": jnp.ones((2, 32), jnp.float32)}
+
+  def run(cfg, steps=3):
+    step = jax.jit(functools.partial(train_step_lib.train_step, cfg=cfg, tx=tx,
+                                     schedule=optax.constant_schedule(1e-3), step_cfg=train_step_lib.StepConfig()))
+    state = train_step_lib.init_state(cfg, tx, jax.random.key(0))
+    out = []
+    for _ in range(steps):
+      state, m = step(state, batch)
+      out.append(jax.device_get(m))
+    return out
+
+  hybrid = run(LLAMA.replace(matmul="fp8_blockwise", fp8_from_step=2))
+  plain = run(LLAMA)
+  for i in (0, 1):
+    assert hybrid[i]["fp8_underflow"] == 0.0
+    np.testing.assert_allclose(hybrid[i]["loss"], plain[i]["loss"], rtol=1e-6)
+  assert hybrid[2]["fp8_underflow"] > 0.0 and hybrid[2]["fp8_overflow"] == 0.0
+  np.testing.assert_allclose(hybrid[2]["loss"], plain[2]["loss"], rtol=1e-2)
