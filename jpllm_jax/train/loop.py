@@ -41,6 +41,7 @@ from jpllm_jax.train.step import (BATCH_KEYS, StepConfig, batch_sharding, init_s
 
 
 MOE_LOG_KEYS = ("moe_loss", "mtp_loss", "moe_load_max", "moe_load_min", "moe_dropped", "router_bias_norm")
+FP8_LOG_KEYS = ("fp8_overflow", "fp8_underflow")  # fractions of FP8 GEMM operands saturating / flushed (models/fp8.py)
 
 
 class TrainingDiverged(RuntimeError):
@@ -378,7 +379,7 @@ def train(config, workdir: str) -> dict[str, Any]:
         elapsed = time.perf_counter() - window_start
         tps = window_tokens / elapsed
         last = {k: float(metrics[k]) for k in ("loss", "ce", "z_loss", "grad_norm", "lr")}
-        last.update({k: float(metrics[k]) for k in MOE_LOG_KEYS if k in metrics})
+        last.update({k: float(metrics[k]) for k in MOE_LOG_KEYS + FP8_LOG_KEYS if k in metrics})
         if "expert_load" in metrics:  # the load histogram: each routed layer's fraction of assignments per expert.
           last["expert_load"] = np.round(np.asarray(metrics["expert_load"], np.float64), 5).tolist()
         last.update(skipped=int(metrics["skipped"]), skipped_total=skipped_total + int(metrics["skipped"]),

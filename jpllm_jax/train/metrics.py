@@ -116,7 +116,7 @@ def _plain(v):
 
 _FORMATS = (("loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("lr", "lr {:.2e}"), ("grad_norm", "gnorm {:.3f}"),
             ("tokens_per_s", "{:,.0f} tok/s"), ("model_tflops", "{:.3f} TFLOP/s"), ("mfu", "MFU {:.3f}"),
-            ("skipped", "skipped {}"))
+            ("fp8_overflow", "fp8 sat {:.1e}"), ("fp8_underflow", "fp8 flush {:.1e}"), ("skipped", "skipped {}"))
 
 
 def _progress_line(record: dict[str, Any]) -> str:
