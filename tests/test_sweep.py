@@ -167,3 +167,19 @@ def test_tiny_local_sweep_resumes_then_skips(tmp_path):
   third = _sweep(tmp_path, grid, f"--set={TINY}")
   assert third.stdout.count("finished before, skipped") == 2, third.stdout
   assert {n: (tmp_path / n / "metrics.jsonl").read_text() for n in names} == before
+
+
+# --------------------------------------------------------------------------------------------- studies
+def test_study_configs_load_and_the_dense_twin_matches_the_moe_active_parameters():
+  from experiments.studies import adam_eps, cpt, dense_vs_moe
+  from jpllm_jax.models import config as model_config
+  from jpllm_jax.train import config as run_config
+  from jpllm_jax.train import flops
+  for c in [adam_eps.get_config(), *(cpt.get_config(arm) for arm in cpt.ARMS)]:
+    run_config.with_defaults(c)
+  assert space.plan(adam_eps.get_config(), grid="optim.eps=1e-8,1e-5", seeds=3)[-1].name == "eps=1e-5_seed=2"
+  active = {}
+  for kind in ("dense", "moe"):
+    model = run_config.with_defaults(dense_vs_moe.get_config(kind)).model.to_dict()
+    active[kind] = flops.matmul_params(model_config.ModelConfig.from_dict({**model, "vocab_size": 8064}))
+  assert active["dense"] == active["moe"] == 2_990_080
