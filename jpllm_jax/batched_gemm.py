@@ -152,7 +152,10 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: Sequence[int], the_p
     m, kp, np_ = bucket.shape
     a = jnp.stack([_pad2(jax.lax.slice_in_dim(x, starts[e], starts[e] + sizes[e]), m, kp)
                    for e in bucket.members])
-    b = jnp.pad(jnp.stack([w[e] for e in bucket.members]), ((0, 0), (0, kp - k), (0, np_ - n)))
+    members = list(bucket.members)
+    b = w if members == list(range(w.shape[0])) else jnp.take(w, jnp.asarray(members), axis=0)
+    if (kp, np_) != (k, n):
+      b = jnp.pad(b, ((0, 0), (0, kp - k), (0, np_ - n)))
     c = _bdot(a, b, precision)
     for j, e in enumerate(bucket.members):
       pieces[e] = c[j, :sizes[e], :n]
