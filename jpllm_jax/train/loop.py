@@ -32,7 +32,7 @@ from jpllm_jax.parallel.pipeline_schedule import megatron_bubble
 from jpllm_jax.tokenizer import load_tokenizer
 from jpllm_jax.tokenizer.train import corpus_texts, train_sentencepiece
 from jpllm_jax.train import config as run_config
-from jpllm_jax.train import flops
+from jpllm_jax.train import flops, nonfinite
 from jpllm_jax.train.checkpointing import TrainCheckpointer, WorkdirLock
 from jpllm_jax.train.metrics import MetricsLogger, throughput
 from jpllm_jax.train.optimizer import make_optimizer
@@ -356,18 +356,27 @@ def train(config, workdir: str) -> dict[str, Any]:
                    megatron_bubble(pipe.stages, pipe.micro_batches, pipe.virtual))
 
   preempt = _Preemption()
+  on_nonfinite = nonfinite.OnNonFinite(tc.on_nonfinite, cfg, workdir, mesh=mesh, rules=rules, z_loss=o.z_loss,
+                                       micro_batches=tc.micro_batches)
   bad_streak, skipped_total, last = 0, 0, {}
   window_tokens, window_start = 0.0, time.perf_counter()
-  pending = None  # metrics of the previous step, checked one step late so that dispatch stays async.
+  pending = None  # (step, metrics, batch) of the previous step, checked one step late so that dispatch stays async.
   try:
     stop = min(tc.steps, tc.stop_after) if tc.stop_after else tc.steps
-    for step in range(start, stop):
+    step = start
+    while step < stop:
       batch = _to_global(next(train_iter), bsh)
       state, metrics = step_fn(state, batch)
       if pending is not None:
-        bad_streak = _check_guard(cfg, *pending, bad_streak, tc.max_bad_steps)
+        roll_back = on_nonfinite(*pending, state["params"])
+        bad_streak = _check_guard(cfg, *pending[:2], bad_streak, tc.max_bad_steps)
         skipped_total += bad_streak > 0
-      pending = (step, metrics)
+        if roll_back:
+          state, logger = _roll_back(ckpt, pending[0], state, lambda: init_fn(jax.random.key(config.seed), params),
+                                     logger, workdir, step)
+          step, pending, bad_streak, on_nonfinite.rollbacks = int(state["step"]), None, 0, on_nonfinite.rollbacks + 1
+          continue
+      pending = (step, metrics, batch)
       if tc.consistency_every and (step + 1) % tc.consistency_every == 0:
         assert_replicas_equal({"params": state["params"], "opt_state": state["opt_state"]}, f"after step {step + 1}")
       window_tokens += config.data.seq_len * tc.batch_size
@@ -383,6 +392,7 @@ def train(config, workdir: str) -> dict[str, Any]:
         if "expert_load" in metrics:  # the load histogram: each routed layer's fraction of assignments per expert.
           last["expert_load"] = np.round(np.asarray(metrics["expert_load"], np.float64), 5).tolist()
         last.update(skipped=int(metrics["skipped"]), skipped_total=skipped_total + int(metrics["skipped"]),
+                    rollbacks=on_nonfinite.rollbacks,
                     **throughput(tps, flops_per_token, peak),
                     tokens_seen=done * config.data.seq_len * tc.batch_size, **data_counts)
         if eval_due:
@@ -398,8 +408,10 @@ def train(config, workdir: str) -> dict[str, Any]:
         logging.warning("SIGTERM: saving step %d and stopping", done)
         ckpt.save(done, state, train_iter, force=True)
         break
-    if pending is not None:
-      _check_guard(cfg, *pending, bad_streak, tc.max_bad_steps)
+      step += 1
+    if pending is not None:  # the last step: located, and stopped on; no step is left to roll back into.
+      on_nonfinite(*pending, state["params"])
+      _check_guard(cfg, *pending[:2], bad_streak, tc.max_bad_steps)
     if config.export_hf:
       export_final(cfg, state["params"], tokenizer_path, config.export_hf)
   finally:
@@ -410,6 +422,20 @@ def train(config, workdir: str) -> dict[str, Any]:
       logger.close()
       lock.release()
   return last
+
+
+def _roll_back(ckpt: TrainCheckpointer, bad: int, state, initial, logger: MetricsLogger, workdir: pathlib.Path,
+               step: int):
+  """`train.on_nonfinite=rollback` after the non-finite step `bad` (0-based) while step `step` ran: the newest good
+  checkpoint at or before it (none: the initial state), its later checkpoints and metrics records dropped; the
+  data iterator goes on, so the batches of the steps since the checkpoint are skipped."""
+  restored = ckpt.roll_back(bad, state)
+  state = initial() if restored is None else restored
+  back = int(state["step"])
+  logging.warning("step %d not finite: rolled back to step %d, skipping the %d batches of steps %d-%d", bad + 1, back,
+                  step + 1 - back, back + 1, step + 1)
+  logger.close()
+  return state, MetricsLogger(workdir, resume_step=back)
 
 
 def _check_guard(cfg: ModelConfig, step: int, metrics, bad_streak: int, max_bad: int) -> int:
