@@ -114,9 +114,11 @@ class _Poison:
     return getattr(self.it, name)
 
 
-def _poison_data(monkeypatch, bad):
-  real = pipeline.make_iterator
-  monkeypatch.setattr(pipeline, "make_iterator", lambda *a, **k: _Poison(real(*a, **k), bad))
+def _poison_data(monkeypatch, bad) -> list[_Poison]:
+  """Poisons every data iterator made from now on; returns them as they are made."""
+  real, made = pipeline.make_iterator, []
+  monkeypatch.setattr(pipeline, "make_iterator", lambda *a, **k: made.append(_Poison(real(*a, **k), bad)) or made[-1])
+  return made
 
 
 def test_the_loop_skips_a_bad_step_logs_it_and_goes_on(tmp_path, monkeypatch, caplog):

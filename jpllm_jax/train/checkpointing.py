@@ -200,7 +200,7 @@ class TrainCheckpointer:
 
   def restore(self, step: int, abstract_state: dict[str, Any], iterator) -> dict[str, Any]:
     """The state at `step` (or, if that step is corrupted or truncated, at the newest good earlier one, with a
-    warning), placed with the shardings of `abstract_state`; `iterator` is moved in place."""
+    warning), placed with the shardings of `abstract_state`; `iterator` is moved in place (None: left alone)."""
     failures = []
     for s in [t for t in sorted(self.manager.all_steps(), reverse=True) if t <= step]:
       expected = self._expected(s)
@@ -242,6 +242,19 @@ class TrainCheckpointer:
       multihost_utils.sync_global_devices(f"set aside {step}")
     self.manager.reload()
 
+  def roll_back(self, step: int, abstract_state: dict[str, Any]) -> dict[str, Any] | None:
+    """The state of the newest good checkpoint at or before `step` (None: there is none), without its data
+    position: the iterator goes on past the batches since, so a rolled-back run skips them. Later checkpoints
+    are deleted (the run recomputes those steps)."""
+    self.manager.wait_until_finished()
+    self.check_for_errors()
+    for s in [t for t in self.manager.all_steps() if t > step]:
+      self.manager.delete(s)
+    self.manager.reload()
+    if not [t for t in self.manager.all_steps() if t <= step]:
+      return None
+    return self.restore(step, abstract_state, None)
+
   def _restore_step(self, step: int, abstract_state: dict[str, Any], iterator) -> dict[str, Any]:
     for f in sorted((self.directory / str(step) / "data").glob("*.json")):
       try:
@@ -257,7 +270,7 @@ class TrainCheckpointer:
     args = ocp.args.Composite(
         params=ocp.args.PyTreeRestore(abstract_state["params"], restore_args=restore_args(abstract_state["params"])),
         train_state=ocp.args.PyTreeRestore(rest, restore_args=restore_args(rest)),
-        data=grain.checkpoint.CheckpointRestore(iterator))
+        **({} if iterator is None else {"data": grain.checkpoint.CheckpointRestore(iterator)}))
     restored = self.manager.restore(step, args=args)
     return {"params": restored["params"], **restored["train_state"]}
 

@@ -52,6 +52,9 @@ def defaults() -> ml_collections.ConfigDict:
       max_bad_steps=5, spike_factor=step.spike_factor,
       peak_tflops=0.0,  # the machine's peak (all devices); 0: no MFU in the logs, tokens/s and TFLOP/s only.
       consistency_every=0,  # > 0: every N steps check that replicated params and optimizer state still agree.
+      # A non-finite step (the first of a launch is located: <workdir>/nonfinite_step<N>.json): skip it, stop,
+      # or roll back to the last good checkpoint and go on past the batches since.
+      on_nonfinite="skip",
       # With mesh.stage > 1: the schedule (gpipe, 1f1b, interleaved; "": 1f1b) of micro_batches micro-batches,
       # and the model chunks per device of the interleaved one.
       pipeline=step.pipeline, virtual_stages=step.virtual_stages,

@@ -1,0 +1,115 @@
+"""Locating the first non-finite value of a step (train/nonfinite.py): the seed's failure, a hand-written tanh
+that overflows for large inputs, in one layer is named by layer, sub-layer and pass; an infinite embedding row by
+the batch row that reads it; on data 2 x tensor 4 by the devices that hold it; and a training run stops with the
+report in the log and in <workdir>/nonfinite_step<N>.json."""
+from __future__ import annotations
+
+import json
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jpllm_jax import models
+from jpllm_jax.models import layers, llama
+from jpllm_jax.parallel import DEFAULT_RULES, make_mesh
+from jpllm_jax.train import loop, nonfinite
+
+from test_train_guard import _config as _guard_config, _poison_data
+
+CFG = llama.llama2(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=16)
+
+
+def naive_tanh(x):
+  """tanh as (e^{2x} - 1) / (e^{2x} + 1): inf / inf = NaN once e^{2x} overflows (x > 44 in float32)."""
+  e = jnp.exp(2 * x)
+  return (e - 1) / (e + 1)
+
+
+def unstable_activation(name, x):
+  """silu(x) = x (1 + tanh(x / 2)) / 2 with the hand-written tanh: exact, until x > 88."""
+  del name
+  return x * (1 + naive_tanh(x / 2)) / 2
+
+
+def batch(rows=4, seq=16, seed=0):
+  tokens = np.random.default_rng(seed).integers(0, CFG.vocab_size, (rows, seq)).astype(np.int32)
+  return {"inputs": tokens, "targets": np.roll(tokens, -1, 1), "segment_ids": np.ones((rows, seq), np.int32),
+          "positions": np.tile(np.arange(seq, dtype=np.int32), (rows, 1)),
+          "weights": np.ones((rows, seq), np.float32)}
+
+
+def overflowing(params, layer: int, scale: float = 1e4):
+  """`layer`'s gate projection scaled so that its pre-activations reach the overflow."""
+  gate = params["layers"]["mlp"]["gate"]["kernel"]
+  params["layers"]["mlp"]["gate"]["kernel"] = gate.at[layer].multiply(scale)
+  return params
+
+
+def _locate(params, b, mesh=None):
+  mesh = mesh or make_mesh({"data": 1})
+  return nonfinite.locate(CFG, params, jax.tree.map(jnp.asarray, b), mesh=mesh, rules=DEFAULT_RULES, z_loss=1e-4)
+
+
+def naive_sigmoid(x):
+  """1 / (1 + e^{-x}): its value is 0 once e^{-x} overflows, its derivative e^{-x} / (1 + e^{-x})^2 inf / inf."""
+  return 1 / (1 + jnp.exp(-x))
+
+
+def test_a_backward_only_overflow_is_named_by_layer_and_sublayer(monkeypatch):
+  # silu written with the naive sigmoid: every value finite, the gradient NaN where the gate is below -88.
+  monkeypatch.setattr(layers, "activation", lambda name, x: x * naive_sigmoid(x))
+  site = _locate(overflowing(models.init(CFG, jax.random.key(0)), 1), batch())
+  assert (site["pass"], site["layer"], site["stack"]) == ("backward", 1, "layers"), site
+  assert (site["sublayer"], site["gradient_at"], site["value"]) == ("mlp.activation", "mlp_norm", "nan"), site
+  assert "backward pass at layer 1 (layers), mlp.activation (the gradient at its input mlp_norm)" in \
+      nonfinite.describe(site)
+
+
+def test_an_infinite_embedding_row_is_named_with_the_batch_row_that_reads_it():
+  params = models.init(CFG, jax.random.key(0))
+  b = batch()
+  b["inputs"][:] = np.where(b["inputs"] == 7, 8, b["inputs"])
+  b["inputs"][2, 5] = 7
+  params["embed"]["embedding"] = params["embed"]["embedding"].at[7, 3].set(jnp.inf)
+  site = _locate(params, b)
+  assert (site["pass"], site["piece"], site["sublayer"], site["value"]) == ("forward", "embed", "embed", "inf"), site
+  assert site["batch_index"] == 2, site
+
+
+# ------------------------------------------------------------------------------ in the training loop
+def _loop_config(**train):
+  c = _guard_config(6, max_bad=3)
+  c.model.n_layers = 2
+  c.train.update(checkpoint_every=2, async_checkpoint=False, **train)
+  return c
+
+
+def test_the_loop_stops_on_the_overflowing_layer_with_the_report(tmp_path, monkeypatch, caplog):
+  monkeypatch.setattr(layers, "activation", unstable_activation)
+  real_init = loop.init_state
+  monkeypatch.setattr(loop, "init_state", lambda *a, **k: {**(s := real_init(*a, **k)),
+                                                           "params": overflowing(s["params"], 1)})
+  with caplog.at_level(logging.WARNING), pytest.raises(
+      nonfinite.NonFiniteStep, match=r"step 1 is not finite: first nan in the forward pass at layer 1 \(layers\), "
+                                     r"mlp.activation, devices \[0\], batch row 0"):
+    loop.train(_loop_config(on_nonfinite="stop"), str(tmp_path))
+  report = json.loads((tmp_path / "nonfinite_step1.json").read_text())
+  assert report["site"]["layer"] == 1 and report["site"]["sublayer"] == "mlp.activation", report
+  assert any("step 1: first nan in the forward pass at layer 1" in r.getMessage() for r in caplog.records)
+
+
+def test_rollback_reloads_the_last_good_checkpoint_and_skips_the_window(tmp_path, monkeypatch, caplog):
+  poison = _poison_data(monkeypatch, {3})  # batch 3 -> step 4: a NaN loss weight.
+  with caplog.at_level(logging.WARNING):
+    loop.train(_loop_config(on_nonfinite="rollback"), str(tmp_path))
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+  assert [r["rollbacks"] for r in records] == [0, 0, 1, 1, 1, 1] and not any(r["skipped"] for r in records)
+  # Step 4 was found bad while step 5 ran (batch 4): steps 3-5's batches 2-4 are skipped, 3-6 train on 5-8.
+  assert poison[0].n == 9
+  assert any("rolled back to step 2, skipping the 3 batches of steps 3-5" in r.getMessage() for r in caplog.records)
+  site = json.loads((tmp_path / "nonfinite_step4.json").read_text())["site"]
+  assert (site["pass"], site["sublayer"]) == ("forward", "head+loss"), site
