@@ -1,5 +1,6 @@
 """The collective cost model against brute force: BFS hop counts, hop-by-hop walked routes, closed forms."""
 import collections
+import os
 import itertools
 import math
 
@@ -152,3 +153,58 @@ def test_layout_errors_name_the_problem():
   with pytest.raises(ValueError, match="has 48 ranks"):
     T.map_axes(small_fugaku(), T.parse_layout("tp6,pp8"))
   assert math.prod(T.parse_layout("tp6,pp8,dp288").values()) == 13824
+
+
+def test_one_process_per_cmg_puts_tensor_inside_the_node_and_the_3d_fold_keeps_neighbours(tmp_path):
+  net = T.tofu_d_cmg((4, 2, 4, 2, 3, 2))
+  placement = T.map_axes(net, T.parse_layout("tp6,pp8,dp32"))
+  assert placement.pieces["tp"] == (("cmg", 2), ("b", 3)) and placement.pieces["pp"][0] == ("cmg", 2)
+  assert T.node_shape_3d(net) == (8, 6, 8)
+  nodes = np.arange(net.size // 4)
+  folded = T.fold_3d(T.tofu_d((4, 2, 4, 2, 3, 2)), nodes)
+  assert len({tuple(c) for c in folded.tolist()}) == len(nodes)  # a bijection onto the 8x6x8 box.
+  phys = T.tofu_d((4, 2, 4, 2, 3, 2))
+  by_coord = {tuple(c): n for n, c in zip(nodes, folded.tolist())}
+  for c, n in by_coord.items():  # logical neighbours along x are one physical hop apart (X or a).
+    m = by_coord.get((c[0] + 1, c[1], c[2]))
+    if m is not None:
+      assert np.abs(phys.coords(n) - phys.coords(m)).sum() == 1
+  path = tmp_path / "rankmap"
+  T.write_fujitsu_rank_map(path, net, placement)
+  lines = path.read_text().splitlines()
+  assert len(lines) == net.size
+  want = T.fold_3d(phys, placement.nodes.ravel() // 4)
+  assert lines[:3] == ["(" + ",".join(map(str, c)) + ")" for c in want[:3].tolist()]
+
+
+def test_fugaku_launch_rendezvous_and_job_writer(tmp_path):
+  import json, subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  from conftest import REPO  # pylint: disable=import-outside-toplevel
+  from experiments.fugaku import launch  # pylint: disable=import-outside-toplevel
+  env = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+         "JPLLM_RENDEZVOUS": str(tmp_path / "rdv")}
+  argv = launch.train_argv(env, ["--workdir=W"])
+  addr = (tmp_path / "rdv" / "coordinator").read_text().strip()
+  assert argv[-4:] == [f"--coordinator={addr}", "--num_processes=4", "--process_id=0", "--workdir=W"]
+  other = launch.train_argv({**env, "OMPI_COMM_WORLD_RANK": "3"}, [])
+  assert other[-3:] == [f"--coordinator={addr}", "--num_processes=4", "--process_id=3"]
+  with pytest.raises(TimeoutError):
+    launch.coordinator(1, str(tmp_path / "empty"), timeout_s=0.1)
+  with pytest.raises(RuntimeError, match="mpiexec"):
+    launch.rank_and_size({})
+  # The job writer: Fugaku-LLM 13B's layout fits one process per node (32 GiB) and is written; the same layout
+  # at four processes per node (one per CMG, 3,456 nodes) is refused by the memory model.
+  out = tmp_path / "job"
+  run = lambda *a: subprocess.run([sys.executable, "-m", "experiments.fugaku.job", f"--out={out}", *a], cwd=REPO,
+                                  capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  ok = run()
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  summary = json.loads(ok.stdout.strip().splitlines()[-1])
+  assert summary["memory"]["fits"] and summary["nodes"] == 13824 and summary["threads_per_process"] == 48
+  job = (out / "job.sh").read_text()
+  assert '#PJM -L "node=48x6x48:torus:strict"' in job and '--mpi "proc=13824"' in job and "@" not in job.replace(
+      "%/1000r", "")
+  assert len((out / "rankmap").read_text().splitlines()) == 13824
+  refused = run("--procs_per_node=4", f"--out={tmp_path / 'job4'}")
+  assert refused.returncode == 1 and not json.loads(refused.stdout.strip().splitlines()[-1])["memory"]["fits"]
+  assert not (tmp_path / "job4").exists()

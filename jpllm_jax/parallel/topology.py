@@ -71,6 +71,20 @@ def tofu_d(shape: Sequence[int] = (24, 2, 24, 2, 3, 2), wrap: Sequence[bool] | N
   return Network("fugaku", axes, ("c", "b", "a", "Y", "Z", "X"), injection_bw=6 * 6.8e9)
 
 
+# A64FX's four CMGs (core memory groups, 12 compute cores and 8 GiB of HBM2 each) joined by the chip's ring bus.
+# Its bandwidth is an assumption (far above a Tofu link; the datasheet gives no per-direction figure here).
+CMG_BW, CMG_LATENCY = 100e9, 0.1e-6
+
+
+def tofu_d_cmg(shape: Sequence[int] = (12, 2, 12, 2, 3, 2), cmgs: int = 4,
+               wrap: Sequence[bool] | None = None) -> Network:
+  """A Tofu-D job run with one process per CMG: the 6D node axes plus a 7th, innermost `cmg` axis of size
+  `cmgs`, the tightest of all. A process slot is node * cmgs + cmg."""
+  net = tofu_d(shape, wrap)
+  cmg = Axis("cmg", cmgs, RING if cmgs >= 3 else LINE, CMG_BW, CMG_LATENCY)
+  return Network("fugaku-cmg", net.axes + (cmg,), ("cmg",) + net.tight_order, net.injection_bw)
+
+
 def tpu_v5p(shape: Sequence[int] = (8, 8, 16)) -> Network:
   """A TPU v5p slice: a 3D mesh whose axes wrap on multiples of 4."""
   axes = tuple(Axis(n, s, RING if s % 4 == 0 else LINE, 4800e9 / 8 / 6, 1e-6) for n, s in zip("xyz", shape))
@@ -333,3 +347,34 @@ def read_rank_file(path, net: Network) -> np.ndarray:
     rows = [tuple(int(v) for v in line.strip().strip("()").split(",")) for line in f
             if line.strip() and not line.startswith("#")]
   return np.ravel_multi_index(tuple(np.array(rows).T), net.shape)
+
+
+def fold_3d(net: Network, nodes) -> np.ndarray:
+  """(..., 3) logical 3D coordinates of Tofu-D nodes, the form of Fujitsu MPI's rank maps and of pjsub's
+  `node=XxYxZ` shape: x folds (X, a), y folds (Y, b), z folds (Z, c), each as a snake (the inner coordinate
+  runs backwards on odd outer ones) so that logical neighbours are physical neighbours. Axes past the six
+  (the CMG axis) are dropped."""
+  c = net.coords(nodes)[..., :6]
+  out = []
+  for outer, inner in ((0, 3), (1, 4), (2, 5)):
+    n = net.axes[inner].size
+    snake = np.where(c[..., outer] % 2 == 1, n - 1 - c[..., inner], c[..., inner])
+    out.append(c[..., outer] * n + snake)
+  return np.stack(out, -1)
+
+
+def node_shape_3d(net: Network) -> tuple[int, int, int]:
+  """pjsub's `node=XxYxZ` for the job (X*a, Y*b, Z*c)."""
+  s = net.shape
+  return (s[0] * s[3], s[1] * s[4], s[2] * s[5])
+
+
+def write_fujitsu_rank_map(path, net: Network, placement: Placement) -> None:
+  """A rank map for `#PJM --mpi "rank-map-hostfile=FILE"`: line r is rank r's node as `(x,y,z)` in the job's
+  logical 3D shape (fold_3d); with one process per CMG a node's line repeats for each of its ranks."""
+  cmgs = net.axes[-1].size if net.axes[-1].name == "cmg" else 1
+  slots = placement.nodes.ravel()
+  node_net = Network(net.name, net.axes[:6], net.tight_order)
+  coords = fold_3d(node_net, slots // cmgs)
+  with open(path, "w") as f:
+    f.write("".join("(" + ",".join(map(str, c)) + ")\n" for c in coords.tolist()))
