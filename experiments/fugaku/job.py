@@ -35,6 +35,7 @@ flags.DEFINE_bool("force", False, "Write the job even if the memory model says i
 flags.DEFINE_string("rscgrp", "large", "pjsub resource group.")
 flags.DEFINE_string("elapse", "24:00:00", "pjsub elapse limit.")
 flags.DEFINE_string("group", "GROUP", "pjsub -g group (your project).")
+flags.DEFINE_string("gfscache", "/vol0004", "PJM_LLIO_GFSCACHE: the data volume the job reads.")
 flags.DEFINE_string("venv", "$HOME/jpllm-venv", "The aarch64 Python 3.11 virtual environment on the nodes.")
 flags.DEFINE_string("workdir", "$HOME/runs/fugaku-llm-13b", "--workdir of the run.")
 flags.DEFINE_string("rendezvous", "$HOME/.jpllm-rendezvous", "Shared directory for the coordinator address.")
@@ -124,7 +125,7 @@ def main(argv):
   job = render(dict(NODES=nodes, SHAPE6="x".join(map(str, shape)), SHAPE3="x".join(map(str, T.node_shape_3d(net))),
                     PROCS=net.size, PPN=ppn, THREADS=threads, LAYOUT=",".join(f"{k}{v}" for k, v in layout.items()),
                     MESH=",".join(f"{k}={v}" for k, v in mesh.items()), RSCGRP=FLAGS.rscgrp, ELAPSE=FLAGS.elapse,
-                    RANKMAP="rankmap", GROUP=FLAGS.group, VENV=FLAGS.venv, RENDEZVOUS=FLAGS.rendezvous,
+                    RANKMAP="rankmap", GROUP=FLAGS.group, GFSCACHE=FLAGS.gfscache, VENV=FLAGS.venv, RENDEZVOUS=FLAGS.rendezvous,
                     NUMA_BASE=FLAGS.numa_base, NUMA_LAST=numa_last, TRAIN_ARGS=train_args))
   path = os.path.join(FLAGS.out, "job.sh")
   with open(path, "w", encoding="utf-8") as f:
