@@ -222,3 +222,21 @@ def test_kill_9_during_and_between_async_saves_resumes_with_the_same_loss_curve(
   train(config, str(ref))
   assert [s for s, _ in logged_losses(run)] == list(range(1, OVERRIDES["train.steps"] + 1))  # one record per step.
   assert logged_losses(run) == logged_losses(ref)
+
+
+def test_a_save_whose_path_cannot_be_created_stops_the_run_with_the_last_good_step_intact(tmp_path):
+  config = default.get_config()
+  for k, v in {**OVERRIDES, "data.tokenizer": mistral_v1_path(), "train.steps": 6, "train.checkpoint_every": 2}.items():
+    group, field = k.split(".")
+    config[group][field] = v
+  blocker = tmp_path / "checkpoints" / checkpointing.CHECKSUMS / "4.json"
+  blocker.mkdir(parents=True)  # a directory where step 4's file must go: the OS refuses, as a full disk would.
+  with pytest.raises(CheckpointSaveError, match=f"step 4 to {tmp_path / 'checkpoints' / '4'} failed: "
+                                                f"IsADirectoryError: .*Is a directory: '{blocker}'"):
+    train(config, str(tmp_path))
+  assert not (tmp_path / "run.lock").exists()  # a clean stop: the lock released, the save of step 2 complete.
+  steps = sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit())
+  assert steps[-1] == 2 and not list((tmp_path / "checkpoints").glob("4*")), steps
+  blocker.rmdir()
+  train(config, str(tmp_path))  # the restart resumes from step 2.
+  assert [s for s, _ in logged_losses(tmp_path)] == [1, 2, 3, 4, 5, 6]
