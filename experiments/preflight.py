@@ -3,6 +3,7 @@ r"""Pre-flight: will this preset's train step fit the target, and how fast can i
   python -m experiments.preflight --preset=llama2-70b --topology=v5p:4x4x4
   python -m experiments.preflight --preset=llm-jp-3-172b --topology=v5p:8x8x16 --config.model.remat=full
   python -m experiments.preflight --preset=swallow-llama2-70b --topology=h100x8 --config.train.batch_size=8
+  python -m experiments.preflight --preset=mixtral-8x7b --topology=v5p:4x4x2 --moe_impl=pallas
 
 TPU topologies (v4|v5e|v5p|v6e:AxBxC) compile the real sharded `make_train_step` with libtpu and no TPU attached
 (jpllm_jax/train/preflight.py); h100xN and a64fxxN use the analytic model (jpllm_jax/train/memory_model.py).
@@ -18,19 +19,26 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
+from ml_collections import config_dict, config_flags
 
 from experiments.configs import presets as train_presets
 from jpllm_jax.train import config as run_config
 
 _FLAG_CONFIG = run_config.defaults()
-_FLAG_CONFIG.model = dict(remat="none", dtype="bfloat16", param_dtype="float32")
+# Model fields a pre-flight may override (placeholders: only the given ones change the preset): the vocabulary
+# padded to divide the tensor axis (Megatron pads to 128 x TP), a capacity factor for dropping MoE layers.
+_FLAG_CONFIG.model = dict(remat="none", dtype="bfloat16", param_dtype="float32",
+                          vocab_size=config_dict.placeholder(int), capacity_factor=config_dict.placeholder(float))
 config_flags.DEFINE_config_dict("config", _FLAG_CONFIG, "Overrides of the preset's run config (mesh, model, train).")
 flags.DEFINE_string("preset", None, "A models.PRESETS name.", required=True)
 flags.DEFINE_string("topology", "v5p:2x2x1", "v5p:8x8x8-style TPU topology, or h100x8 / a64fxx16 (analytic).")
 flags.DEFINE_bool("twin", False, "The preset's scaled-down twin (models/presets.py): a fast compile, for tests.")
 flags.DEFINE_integer("max_compiles", 8, "At most this many compiles (the given plan and the search).")
 flags.DEFINE_string("output", None, "Also write the JSON result here.")
+flags.DEFINE_float("hbm_gib", None, "Budget this much memory per chip instead of its HBM (e.g. what other work "
+                   "leaves; tests use a tiny budget for a quick does-not-fit).")
+flags.DEFINE_enum("moe_impl", "", ["", "ragged", "pallas"], "MoE presets on TPU: XLA's ragged_dot or the Pallas "
+                  "(Mosaic) grouped matmul; default: what moe_ffn's auto picks on TPU (moe/tuning.py).")
 FLAGS = flags.FLAGS
 
 
@@ -38,7 +46,7 @@ def plan_from_flags():
   from jpllm_jax import models  # pylint: disable=import-outside-toplevel
   from jpllm_jax.models.presets import twin  # pylint: disable=import-outside-toplevel
   from jpllm_jax.train import preflight  # pylint: disable=import-outside-toplevel
-  target = preflight.parse_topology(FLAGS.topology)
+  target = preflight.parse_topology(FLAGS.topology, FLAGS.hbm_gib)
   config = train_presets.get_config(FLAGS.preset, target.devices)
   model = {"dtype": "bfloat16", "param_dtype": "float32"}
   with config.unlocked():
@@ -53,7 +61,7 @@ def plan_from_flags():
   mesh = tuple((a, n) for a, n in config.mesh.to_dict().items() if a != "rules" and n != 1)
   seq_len = min(config.data.seq_len, cfg.max_seq_len) if FLAGS.twin else config.data.seq_len
   plan = preflight.Plan(cfg, config.train.batch_size, seq_len, config.train.micro_batches,
-                        mesh or (("data", -1),), config.mesh.rules)
+                        mesh or (("data", -1),), config.mesh.rules, FLAGS.moe_impl)
   return plan, target
 
 
@@ -85,6 +93,8 @@ if __name__ == "__main__":
   # libtpu probes for a TPU host otherwise; these say "one local host" (no metadata server is asked).
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
+  # A deviceless compile holds no chip: a second pre-flight (or a test) may load libtpu at the same time.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   if os.environ.get("JAX_PLATFORMS") == "cpu":
     sys.exit("error: JAX_PLATFORMS=cpu hides the TPU compiler; run with JAX_PLATFORMS='' (or 'cpu,tpu')")
   app.run(main)

@@ -18,15 +18,20 @@ DEFAULT_IMPL = "ragged"
 
 @contextlib.contextmanager
 def use_impl(impl: str) -> Iterator[None]:
-  """Within this context (while tracing) "auto" on the host's backend means `impl`: a program compiled for a TPU
-  topology from a CPU host (the pre-flight) wants the TPU's choice, not the host's."""
+  """Within this context (while tracing) "auto" on the host's backend means `impl`, for expert-parallel local
+  experts too: a program compiled for a TPU topology from a CPU host (the pre-flight) wants the TPU's choice, not
+  the host's. Mosaic kernels are not partitioned automatically: "pallas" needs a mesh with an expert axis (the
+  expert layer's shard_map)."""
+  global EP_INSTEAD_OF_PALLAS  # pylint: disable=global-statement
   import jax  # pylint: disable=import-outside-toplevel
   backend = jax.default_backend()
-  before = IMPL_BY_BACKEND.get(backend)
+  before, ep_before = IMPL_BY_BACKEND.get(backend), EP_INSTEAD_OF_PALLAS
   IMPL_BY_BACKEND[backend] = impl
+  EP_INSTEAD_OF_PALLAS = impl  # compiled (Mosaic) kernels run under shard_map; only the interpreter cannot.
   try:
     yield
   finally:
+    EP_INSTEAD_OF_PALLAS = ep_before
     if before is None:
       del IMPL_BY_BACKEND[backend]
     else:

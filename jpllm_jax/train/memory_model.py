@@ -4,7 +4,8 @@ The same breakdown as XLA's `memory_analysis()` (preflight.py), built from parts
 - parameters (fp32 masters), Adam's two moments and the batch: each leaf's shard under the mesh rules;
 - activations: the residuals autodiff saves for the backward pass under the config's remat policy, read off
   the traced loss of one device's micro-batch (`jax.ad_checkpoint` saved residuals; no memory is allocated),
-  divided by the tensor axis, times the micro-batches a pipeline stage holds in flight (1F1B: the stage count);
+  divided by the tensor axis, times the micro-batches a pipeline stage holds in flight (1F1B: the stage count),
+  plus one layer's backward working set (its residuals without remat: recomputed intermediates and cotangents);
 - gradients: one fp32 shard, a second one for the update being formed, and the accumulator with micro-batches.
 Against XLA's TPU compile of the same plans it stays within 15% (tests/test_preflight.py); what it leaves out
 is XLA's own scheduling: buffers it keeps live longer or frees earlier, fusion temporaries, generated code.
@@ -73,11 +74,14 @@ def estimate(cfg: ModelConfig, batch_size: int, seq_len: int, micro_batches: int
   stages = sizes.get("stage", 1)
   in_flight = min(micro_batches, stages) if stages > 1 else 1
   acts = activation_bytes(cfg, local, seq_len) / sizes["tensor"] / stages * in_flight
+  # The backward of one layer holds that layer's intermediates (recomputed under remat) and their cotangents
+  # beside the saved residuals: one layer's residuals without remat.
+  layer = activation_bytes(cfg.replace(remat="none"), local, seq_len) / cfg.n_layers / sizes["tensor"]
   grads = params * 4 / jnp.dtype(cfg.numerics.param_dtype).itemsize
   accum = grads if micro_batches > 1 else 0.0
   batch_bytes = len(step_lib.BATCH_KEYS) * batch_size / dp * seq_len * 4
   state = params + opt
   weights_bf16 = params / 2 * sizes["fsdp"] / stages  # gathered over fsdp, once forward and once backward.
-  return {"arguments": state + batch_bytes, "temporaries": acts + 2 * grads + accum,
-          "outputs": state, "aliased": state, "activations": acts,
+  return {"arguments": state + batch_bytes, "temporaries": acts + layer + 2 * grads + accum,
+          "outputs": state, "aliased": state, "activations": acts, "layer_backward": layer,
           "hbm_traffic": 3 * state + 2 * acts * micro_batches + 2 * weights_bf16 * micro_batches}

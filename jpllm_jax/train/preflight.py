@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jpllm_jax import models
 from jpllm_jax.models.config import ModelConfig
+from jpllm_jax.moe import tuning
 from jpllm_jax.parallel import make_mesh
 from jpllm_jax.parallel.mesh import check_model_fits_mesh, mesh_shape, with_rule_overrides
 from jpllm_jax.train import flops as flops_lib
@@ -65,14 +66,19 @@ class Target:
     return self.chip.name in ("v4", "v5e", "v5p", "v6e")
 
 
-def parse_topology(name: str) -> Target:
+def parse_topology(name: str, hbm_gib: float | None = None) -> Target:
+  """The target `name`; `hbm_gib` budgets that much memory per chip instead of its HBM (what is left beside
+  other work on the chip, or a small budget that makes a quick compile a does-not-fit case in tests)."""
   m = re.fullmatch(r"(v4|v5e|v5p|v6e):(\d+(?:x\d+)*)", name)
+  n = re.fullmatch(r"(h100|a64fx)(?:x(\d+))?", name)
+  if not (m or n):
+    raise ValueError(f"unknown topology {name!r}: use v4|v5e|v5p|v6e:AxBxC (e.g. v5p:8x8x8) or h100xN / a64fxxN")
+  chip = CHIPS[(m or n).group(1)]
+  if hbm_gib is not None:
+    chip = dataclasses.replace(chip, hbm_bytes=int(hbm_gib * GiB))
   if m:
-    return Target(CHIPS[m.group(1)], math.prod(int(n) for n in m.group(2).split("x")), name)
-  m = re.fullmatch(r"(h100|a64fx)(?:x(\d+))?", name)
-  if m:
-    return Target(CHIPS[m.group(1)], int(m.group(2) or 1), name)
-  raise ValueError(f"unknown topology {name!r}: use v4|v5e|v5p|v6e:AxBxC (e.g. v5p:8x8x8) or h100xN / a64fxxN")
+    return Target(chip, math.prod(int(d) for d in m.group(2).split("x")), name)
+  return Target(chip, int(n.group(2) or 1), name)
 
 
 @functools.lru_cache(maxsize=8)
@@ -91,6 +97,7 @@ class Plan:
   micro_batches: int = 1
   mesh: tuple[tuple[str, int], ...] = (("data", 1), ("fsdp", -1))
   rules: str = ""
+  moe_impl: str = ""  # moe_ffn's implementation on the TPU ("": what "auto" picks there, tuning.IMPL_BY_BACKEND)
 
   def flags(self) -> str:
     """The launcher flags that select this plan."""
@@ -112,11 +119,13 @@ def lower(plan: Plan, devices) -> Any:
   rules = with_rule_overrides(plan.rules or None)
   check_model_fits_mesh(plan.cfg, mesh, rules)
   tx, schedule = _optimizer(plan.cfg)
-  step = make_train_step(plan.cfg, tx, schedule, StepConfig(micro_batches=plan.micro_batches), mesh, rules)
   state = jax.eval_shape(functools.partial(init_state, plan.cfg, tx), jax.random.key(0))
   shape = (plan.batch_size, plan.seq_len)
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32) for k in BATCH_KEYS}
-  return step.lower(state, batch)
+  # This host's backend is not the target's: "auto" MoE is traced as the TPU would pick it.
+  with tuning.use_impl(plan.moe_impl or tuning.IMPL_BY_BACKEND.get("tpu", tuning.DEFAULT_IMPL)):
+    step = make_train_step(plan.cfg, tx, schedule, StepConfig(micro_batches=plan.micro_batches), mesh, rules)
+    return step.lower(state, batch)
 
 
 def _recompute(cfg: ModelConfig) -> float:
@@ -223,6 +232,8 @@ def run(plan: Plan, target: Target, log: Callable[[str], None] = print, max_comp
     raise ValueError(f"{plan.flags()} does not divide the model on {target.name}")
   result.update(topology=target.name, chip=target.chip.name, devices=target.devices, flags=plan.flags(),
                 method="xla_compile" if target.compiled else "analytic")
+  if plan.cfg.moe.n_experts and target.compiled:
+    result["moe_impl"] = plan.moe_impl or tuning.IMPL_BY_BACKEND.get("tpu", tuning.DEFAULT_IMPL)
   if result["fits"]:
     result["suggestion"] = plan.flags()
     return result
