@@ -92,6 +92,7 @@ def plot(results: dict, texts: list[str], path: pathlib.Path) -> None:
     ax.set_xticks(range(len(runs)), runs, rotation=20, fontsize=8)
     ax.set_ylabel(label)
     ax.grid(axis="y", alpha=0.3)
+  axes[0].set_yscale("log")  # the English model on Japanese is far above the rest.
   axes[0].legend(title="held-out text")
   fig.tight_layout()
   fig.savefig(path, dpi=90)

@@ -7,7 +7,7 @@ with the same active parameters. The kind after the colon; run_dense_vs_moe.sh r
   python -m experiments.train --config=experiments/studies/dense_vs_moe.py:dense --workdir=$W/dense \
       --config.data.tokenizer=/tmp/studies/tok_ja8k/tokenizer.model
   python -m experiments.eval_curve --workdir=$W/moe --tasks=jcommonsenseqa,jmmlu --scoring=loglik \
-      --limit=100 --shots=4 --bootstrap=1000     # and the same for $W/dense
+      --limit=100 --shots=0 --bootstrap=1000     # and the same for $W/dense
 
 - moe: experiments/configs/moe_tiny.py's DeepSeek-V3-style model (d_model 128, 3 layers, MLA, 64 routed experts
   of d_ff 64 top-6 + 1 shared, the first layer dense with d_ff 384, one MTP module).

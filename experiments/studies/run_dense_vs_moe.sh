@@ -13,5 +13,5 @@ for kind in moe dense; do
 done
 for kind in moe dense; do
   $PY -m experiments.eval_curve --workdir=$W/$kind --tasks=jcommonsenseqa,jmmlu --scoring=loglik --limit=100 \
-      --shots=4 --bootstrap=1000
+      --shots=0 --bootstrap=1000
 done
