@@ -69,6 +69,9 @@ def main(argv):
   del argv
   from jpllm_jax.train import preflight  # pylint: disable=import-outside-toplevel
   plan, target = plan_from_flags()
+  if plan.moe_impl == "pallas" and plan.cfg.moe.n_experts and dict(plan.mesh).get("expert", 1) == 1:
+    sys.exit("error: --moe_impl=pallas needs --config.mesh.expert > 1: Mosaic kernels are not partitioned "
+             "automatically, only inside the expert layer's shard_map")
   print(f"[preflight] {FLAGS.preset} on {target.name} ({target.devices} x {target.chip.name}, "
         f"{'XLA compile' if target.compiled else 'analytic model'}): {plan.flags()}", flush=True)
   log = lambda line: print(line, flush=True)
