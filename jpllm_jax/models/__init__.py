@@ -22,8 +22,14 @@ PRESETS: dict[str, Callable[..., ModelConfig]] = {**llama.PRESETS, **mistral.PRE
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
-  """A published architecture by name (`llama2-7b`, `llama3-8b`, `mistral-7b`, `qwen2-7b`, `llm-jp-13b-v1`,
-  `mixtral-8x7b`, `deepseek-v3`)."""
+  """The ModelConfig of a published architecture: one of `PRESETS` (each family file's table states its source).
+
+  Names: `llama2-7b|13b|70b`, `llama3-8b|70b`, `mistral-7b`, `mixtral-8x7b`, `qwen2-7b|72b`, `deepseek-v3`
+  (671B + the MTP module; `mtp_depth=0` without), Japanese runs `swallow-llama2-7b|13b|70b` and
+  `swallow-mistral-7b` (vocabularies expanded to 43,176 / 42,800), `llm-jp-1.3b-v1`, `llm-jp-13b-v1`,
+  `llm-jp-175b-v1`, `llm-jp-3-172b`, `fugaku-llm-13b`. `overrides` are ModelConfig.replace fields (flat names,
+  e.g. `remat="full"`, `dtype="bfloat16"`). `models.presets.twin(cfg)` is a preset's scaled-down CPU twin; the
+  run's published training settings are in experiments/configs/presets.py."""
   if name not in PRESETS:
     raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
   return PRESETS[name](**overrides)
