@@ -13,6 +13,7 @@ import os
 import pathlib
 import shutil
 import signal
+import sys
 import time
 from typing import Any
 
@@ -46,6 +47,10 @@ FP8_LOG_KEYS = ("fp8_overflow", "fp8_underflow")  # fractions of FP8 GEMM operan
 
 class TrainingDiverged(RuntimeError):
   """Raised after `max_bad_steps` consecutive skipped steps."""
+
+
+class LostProcess(RuntimeError):
+  """Another process of a multi-process run died: a collective failed (or the coordinator saw no heartbeat)."""
 
 
 def parse_sources(spec: str) -> list[tuple[list[str], float]]:
@@ -414,14 +419,35 @@ def train(config, workdir: str) -> dict[str, Any]:
       _check_guard(cfg, *pending[:2], bad_streak, tc.max_bad_steps)
     if config.export_hf:
       export_final(cfg, state["params"], tokenizer_path, config.export_hf)
+  except Exception as e:
+    if jax.process_count() > 1 and (cause := _lost_peer(e)):  # its collectives cannot complete: no final save.
+      lost = LostProcess(f"a process of this {jax.process_count()}-process run is gone ({cause}); stopped after "
+                         f"step {int(state['step'])}; restart every process: the run resumes from its last checkpoint "
+                         f"(step {ckpt.latest_step()})")
+      raise lost from e
+    raise
   finally:
     preempt.restore()
     try:
-      ckpt.close()
+      if not isinstance(sys.exc_info()[1], LostProcess):
+        ckpt.close()
     finally:
       logger.close()
       lock.release()
   return last
+
+
+LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "heartbeat timeout", "stopped sending heartbeats")
+
+
+def _lost_peer(error: BaseException) -> str | None:
+  """The first line naming a lost process in `error` or its causes (gloo on CPU, the coordination service)."""
+  while error is not None:
+    for line in str(error).splitlines():
+      if any(p in line for p in LOST_PEER):
+        return line.strip()[:300]
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def _roll_back(ckpt: TrainCheckpointer, bad: int, state, initial, logger: MetricsLogger, workdir: pathlib.Path,
