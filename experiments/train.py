@@ -18,6 +18,7 @@ one line ("unknown field model.d_modle; did you mean d_model?") before anything 
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -69,12 +70,16 @@ def main(argv):
   console(FLAGS.verbose)
   initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   from jpllm_jax.train.config import ConfigError
-  from jpllm_jax.train.loop import train  # after jax.distributed is up.
+  from jpllm_jax.train.loop import LostProcess, train  # after jax.distributed is up.
   logging.info("config:\n%s", FLAGS.config)
   try:
     train(FLAGS.config, FLAGS.workdir)
   except (ConfigError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
+  except LostProcess as e:  # exit now: jax.distributed's shutdown would wait on the dead process's heartbeat.
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(3)
 
 
 if __name__ == "__main__":
