@@ -183,3 +183,21 @@ def test_study_configs_load_and_the_dense_twin_matches_the_moe_active_parameters
     model = run_config.with_defaults(dense_vs_moe.get_config(kind)).model.to_dict()
     active[kind] = flops.matmul_params(model_config.ModelConfig.from_dict({**model, "vocab_size": 8064}))
   assert active["dense"] == active["moe"] == 2_990_080
+
+
+def test_seed_spread_groups_seeds_and_tests_the_difference(tmp_path):
+  for point, base in (("eps=1e-8", 7.0), ("eps=1e-5", 6.0)):
+    for seed, jitter in enumerate((0.0, 0.1, -0.1)):
+      run = tmp_path / f"{point}_seed={seed}"
+      run.mkdir()
+      run.joinpath("metrics.jsonl").write_text("".join(
+          json.dumps({"step": s, "loss": 9.0, "val_loss": base + jitter + 10 / s}) + "\n" for s in (10, 20)))
+  (tmp_path / "base").mkdir()  # not a seeded run: ignored.
+  out = subprocess.run([sys.executable, "-m", "experiments.studies.seed_spread", f"--workdir={tmp_path}"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  text = (tmp_path / "seed_spread.md").read_text()
+  assert "| eps=1e-8 | 8.0000 ± 0.1000 | 7.5000 ± 0.1000 |" in text
+  row = next(line for line in text.splitlines() if line.startswith("| eps=1e-5 | eps=1e-8 |"))  # sorted names.
+  assert row.split(" | ")[2] == "-1.0000" and float(row.split(" | ")[-1].rstrip(" |")) < 0.01
+  assert (tmp_path / "seed_spread.png").stat().st_size > 0
