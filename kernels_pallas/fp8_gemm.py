@@ -6,7 +6,9 @@ into an FP32 accumulator (the promotion every 128 elements of K). `scaling='tens
 tensor instead. The backward pass is FP8 too: dx = dy @ w^T with dy re-quantised per 1x128 tile along N and
 w^T per block, dw = x^T @ dy with both re-quantised per 128-tile along M (their own K).
 
-Backends (`backend=`, default by platform: 'xla' on CPU, 'triton' on GPU, 'mosaic' on TPU):
+Backends (`backend=`; the default 'auto' picks by the platform the program is lowered for, with
+`lax.platform_dependent`, so a deviceless TPU compile on a CPU host gets Mosaic: 'mosaic' on TPU, 'triton' on
+CUDA, else 'xla'):
 - 'xla': `fp8_quant.gemm_xla`, jnp with float8 dtypes; the CPU default.
 - 'triton': one program per (128 x 128) output tile looping over K tiles (GPU, Triton lowering).
 - 'mosaic': K tiles on the grid's last ("arbitrary") axis with a VMEM FP32 accumulator (TPU). The FP8 tiles are
@@ -29,15 +31,11 @@ from kernels_pallas.fp8_quant import E4M3, E5M2, TILE, gemm_xla, quantize_blocks
 
 __all__ = ["fp8_matmul", "fp8_gemm", "quantize_operands", "E4M3", "E5M2"]
 
-BACKENDS = ("xla", "triton", "mosaic")
+BACKENDS = ("auto", "xla", "triton", "mosaic")
 SCALINGS = ("blockwise", "tensorwise")
 # Output tile of both kernels (a multiple of TPU's (8, 128) layout and a power of two for Triton).
 BLOCK_M = BLOCK_N = 128
 TRITON_PARAMS = dict(num_warps=4, num_stages=3)
-
-
-def default_backend() -> str:
-  return {"gpu": "triton", "tpu": "mosaic"}.get(jax.default_backend(), "xla")
 
 
 def _triton_kernel(aq_ref, sa_ref, bq_ref, sb_ref, o_ref):
@@ -118,8 +116,11 @@ def fp8_gemm(aq, sa, bq, sb, *, out_dtype=jnp.float32, backend: str | None = Non
              interpret: bool = False) -> jax.Array:
   """The GEMM of quantised operands (layouts in `fp8_quant`): aq [M, K], sa [M, K/128], bq [K, N],
   sb [K/128, N], all dims multiples of 128 -> [M, N] in out_dtype."""
-  backend = backend or default_backend()
+  backend = backend or "auto"
   aq, sa, bq, sb = vma.vary_alike(aq, sa, bq, sb)  # (inside shard_map: one output type)
+  if backend == "auto":
+    run = lambda b: lambda *ops: fp8_gemm(*ops, out_dtype=out_dtype, backend=b, interpret=interpret)  # noqa: E731
+    return lax.platform_dependent(aq, sa, bq, sb, tpu=run("mosaic"), cuda=run("triton"), default=run("xla"))
   if backend == "xla":
     return gemm_xla(aq, sa, bq, sb, out_dtype=out_dtype)
   if backend == "triton":
@@ -169,13 +170,13 @@ def fp8_matmul(x: jax.Array, w: jax.Array, *, scaling: str = "blockwise", out_dt
                backend: str | None = None, interpret: bool = False, grad_dtype=E4M3) -> jax.Array:
   """x [M, K] @ w [K, N] through FP8 (see the module docstring), differentiable, in `out_dtype` or x's dtype.
 
-  `backend`: 'xla' | 'triton' | 'mosaic' (default: by platform); `interpret` runs a Pallas backend in the
-  interpreter; `grad_dtype`: the FP8 type of dy in the backward GEMMs (E4M3 or E5M2)."""
+  `backend`: 'auto' (default: by the lowering platform) | 'xla' | 'triton' | 'mosaic'; `interpret` runs a Pallas
+  backend in the interpreter; `grad_dtype`: the FP8 type of dy in the backward GEMMs (E4M3 or E5M2)."""
   if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
     raise ValueError(f"fp8_matmul needs x [M, K] and w [K, N], got {x.shape} and {w.shape}")
   if scaling not in SCALINGS:
     raise ValueError(f"scaling must be one of {SCALINGS}, not {scaling!r}")
-  backend = backend or default_backend()
+  backend = backend or "auto"
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
   out_dtype = jnp.dtype(out_dtype or x.dtype)
