@@ -17,6 +17,7 @@ from jpllm_jax.models import layers, llama
 from jpllm_jax.parallel import DEFAULT_RULES, make_mesh
 from jpllm_jax.train import loop, nonfinite
 
+from fake_devices import run_on_fake_devices
 from test_train_guard import _config as _guard_config, _poison_data
 
 CFG = llama.llama2(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=16)
@@ -113,3 +114,26 @@ def test_rollback_reloads_the_last_good_checkpoint_and_skips_the_window(tmp_path
   assert any("rolled back to step 2, skipping the 3 batches of steps 3-5" in r.getMessage() for r in caplog.records)
   site = json.loads((tmp_path / "nonfinite_step4.json").read_text())["site"]
   assert (site["pass"], site["sublayer"]) == ("forward", "head+loss"), site
+
+
+SHARDED = """
+import jax, jax.numpy as jnp, numpy as np
+import test_nonfinite as t
+from jpllm_jax import models
+from jpllm_jax.models import layers
+from jpllm_jax.parallel import make_mesh
+layers.activation = t.unstable_activation
+mesh = make_mesh({"data": 2, "tensor": 4})
+params = models.init(t.CFG, jax.random.key(0))
+gate = params["layers"]["mlp"]["gate"]["kernel"]  # [L, D, F]: F over the tensor axis, 12 columns a rank.
+params["layers"]["mlp"]["gate"]["kernel"] = gate.at[1, :, :12].multiply(1e4)  # only tensor rank 0's columns.
+site = t._locate(params, t.batch(), mesh)
+assert (site["layer"], site["sublayer"], site["pass"]) == (1, "mlp.activation", "forward"), site
+want = sorted(int(d.id) for d in np.ravel(mesh.devices[(slice(None),) * mesh.axis_names.index("tensor") + (0,)]))
+assert site["devices"] == want and len(want) == 2, (site, want)
+print("OK")
+"""
+
+
+def test_on_data_2_x_tensor_4_the_site_names_the_tensor_rank_that_holds_it():
+  run_on_fake_devices(SHARDED, timeout=300)
