@@ -175,8 +175,10 @@ def detect(cpuinfo: str | None = None, arch: str | None = None, sve_bits: int | 
   if arch in ("aarch64", "arm64"):
     features = set(fields.get("features", "").split())
     a64fx = (fields.get("cpu implementer", "").lower(), fields.get("cpu part", "").lower()) == _A64FX
-    if "sve" in features or a64fx:
-      bits = (_sve_bits() if sve_bits is None else sve_bits) or (512 if a64fx else 128)
+    # prctl answers for this process even where /proc/cpuinfo is not this CPU's (qemu-user shows the host's).
+    bits = _sve_bits() if sve_bits is None else sve_bits
+    if "sve" in features or a64fx or bits:
+      bits = bits or (512 if a64fx else 128)
       return Profile("a64fx" if a64fx else "aarch64-sve", "aarch64", "sve", bits, cores, numa_nodes, a64fx)
     return Profile("aarch64-neon", "aarch64", "neon", 128, cores, numa_nodes)
   if arch in ("x86_64", "AMD64", "i686"):

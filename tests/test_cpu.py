@@ -58,9 +58,12 @@ def test_detects_a64fx_by_implementer_and_part_with_the_sve_length():
 
 def test_detects_other_aarch64_and_x86():
   neon = A64FX_CPUINFO.replace(" sve", "").replace("0x46", "0x41").replace("0x001", "0xd0c")
-  assert cpu.detect(neon, arch="aarch64", cores=4, numa_nodes=1).name == "aarch64-neon"
+  assert cpu.detect(neon, arch="aarch64", sve_bits=0, cores=4, numa_nodes=1).name == "aarch64-neon"
   sve = A64FX_CPUINFO.replace("0x46", "0x41").replace("0x001", "0xd40")
   assert cpu.detect(sve, arch="aarch64", sve_bits=256, cores=4, numa_nodes=1).fp32_lanes == 8
+  # Under qemu-user /proc/cpuinfo is the host's, but prctl reports the emulated SVE length.
+  assert cpu.detect("flags : avx2\n", arch="aarch64", sve_bits=512, cores=2, numa_nodes=1).fp32_lanes == 16
+  assert cpu.detect("flags : avx2\n", arch="aarch64", sve_bits=0, cores=2, numa_nodes=1).name == "aarch64-neon"
   x86 = "processor\t: 0\nflags\t\t: fpu sse2 avx fma avx2\n"
   assert cpu.detect(x86, arch="x86_64", cores=8, numa_nodes=2).fp32_lanes == 8
   assert cpu.detect(x86.replace("avx2", "avx2 avx512f"), arch="x86_64").fp32_lanes == 16
