@@ -421,8 +421,9 @@ def train(config, workdir: str) -> dict[str, Any]:
       export_final(cfg, state["params"], tokenizer_path, config.export_hf)
   except Exception as e:
     if jax.process_count() > 1 and (cause := _lost_peer(e)):  # its collectives cannot complete: no final save.
-      lost = LostProcess(f"a process of this {jax.process_count()}-process run is gone ({cause}); stopped after "
-                         f"step {int(state['step'])}; restart every process: the run resumes from its last checkpoint "
+      # Host values only: the device state is the failed computation's.
+      lost = LostProcess(f"a process of this {jax.process_count()}-process run is gone ({cause}); stopped at step "
+                         f"{step + 1}; restart every process: the run resumes from its last checkpoint "
                          f"(step {ckpt.latest_step()})")
       raise lost from e
     raise
@@ -437,7 +438,8 @@ def train(config, workdir: str) -> dict[str, Any]:
   return last
 
 
-LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "heartbeat timeout", "stopped sending heartbeats")
+LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Connection refused", "Broken pipe",
+             "heartbeat timeout", "stopped sending heartbeats", "Gloo")
 
 
 def _lost_peer(error: BaseException) -> str | None:
