@@ -59,6 +59,7 @@ def naive_sigmoid(x):
   return 1 / (1 + jnp.exp(-x))
 
 
+@pytest.mark.slow
 def test_a_backward_only_overflow_is_named_by_layer_and_sublayer(monkeypatch):
   # silu written with the naive sigmoid: every value finite, the gradient NaN where the gate is below -88.
   monkeypatch.setattr(layers, "activation", lambda name, x: x * naive_sigmoid(x))
@@ -88,6 +89,7 @@ def _loop_config(**train):
   return c
 
 
+@pytest.mark.slow
 def test_the_loop_stops_on_the_overflowing_layer_with_the_report(tmp_path, monkeypatch, caplog):
   monkeypatch.setattr(layers, "activation", unstable_activation)
   real_init = loop.init_state
@@ -102,6 +104,7 @@ def test_the_loop_stops_on_the_overflowing_layer_with_the_report(tmp_path, monke
   assert any("step 1: first nan in the forward pass at layer 1" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_rollback_reloads_the_last_good_checkpoint_and_skips_the_window(tmp_path, monkeypatch, caplog):
   poison = _poison_data(monkeypatch, {3})  # batch 3 -> step 4: a NaN loss weight.
   with caplog.at_level(logging.WARNING):
