@@ -65,7 +65,7 @@ from jpllm_jax.parallel.pipeline_schedule import make_schedule
 
 VOCAB, D = 64, 32
 
-def stage_fn(p, h, batch=None):  # residual MLP layers stacked on the leading axis
+def stage_fn(p, h, batch=None, v=None):  # residual MLP layers stacked on the leading axis
   return jax.lax.scan(lambda h, w: (h + jnp.tanh(h @ w["w1"] + w["b"]) @ w["w2"], None), h, p)[0]
 
 def embed_fn(sh, batch):

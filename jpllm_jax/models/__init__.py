@@ -15,7 +15,8 @@ from jpllm_jax.models import deepseek, gpt, llama, mistral, mixtral, moe, qwen2
 from jpllm_jax.models.config import ModelConfig
 from jpllm_jax.models.loss import cross_entropy, fused_cross_entropy, token_log_probs
 from jpllm_jax.models.transformer import (Context, context, embed, forward, forward_cached, head, hidden, init,
-                                          init_cache, param_axes, param_shapes, param_specs, run_stack)
+                                          init_cache, mtp_hidden, param_axes, param_shapes, param_specs,
+                                          run_stack)
 
 PRESETS: dict[str, Callable[..., ModelConfig]] = {**llama.PRESETS, **mistral.PRESETS, **qwen2.PRESETS,
                                                   **gpt.PRESETS, **mixtral.PRESETS, **deepseek.PRESETS}
@@ -36,5 +37,5 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 
 __all__ = ["Context", "ModelConfig", "PRESETS", "context", "cross_entropy", "embed", "forward", "forward_cached",
-           "fused_cross_entropy", "head", "hidden", "init", "init_cache", "moe", "param_axes", "param_shapes",
-           "param_specs", "preset", "run_stack", "token_log_probs"]
+           "fused_cross_entropy", "head", "hidden", "init", "init_cache", "moe", "mtp_hidden", "param_axes",
+           "param_shapes", "param_specs", "preset", "run_stack", "token_log_probs"]

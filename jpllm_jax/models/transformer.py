@@ -271,17 +271,32 @@ def context(cfg: ModelConfig, tokens, positions=None, segment_ids=None) -> Conte
   return Context(positions, segment_ids, inv_freq, (segment_ids != 0).astype(jnp.float32))
 
 
-def run_stack(cfg: ModelConfig, stack_params: Params, x, ctx: Context, with_stats: bool = False):
+def run_stack(cfg: ModelConfig, stack_params: Params, x, ctx: Context, with_stats: bool = False, active=None):
   """Runs a slice of stacked layers ([L, ...] leaves; a whole stack or a pipeline stage's part of it) over
-  x [B, T, D] under `scan` with the config's remat policy; returns (x, MoE statistics stacked over L or None)."""
+  x [B, T, D] under `scan` with the config's remat policy; returns (x, MoE statistics stacked over L or None).
+  `active` bool [L] (a pipeline stage's padded slice): layers where it is False pass x through, statistics 0."""
   dtype = jnp.dtype(cfg.numerics.dtype)
   mask = ctx.mask(cfg)
 
-  def body(x, p):
+  def block(x, p):
     return _block(cfg, _cast_layer(p, dtype), x, ctx.positions, mask, None, ctx.inv_freq, ctx.token_weights,
                   with_stats)
 
-  return jax.lax.scan(_remat(cfg, body), x, stack_params)
+  if active is None:
+    return jax.lax.scan(_remat(cfg, block), x, stack_params)
+
+  def body(x, layer):
+    p, on = layer
+    out = jax.eval_shape(block, x, p)
+    def zeros(s):  # typed like the block's statistics (inside a shard_map: the same varying mesh axes)
+      z = jnp.zeros(s.shape, s.dtype)
+      vary = tuple(getattr(s.manual_axis_type, "varying", ()) or ())
+      return jax.lax.pcast(z, vary, to="varying") if vary else z
+
+    skip = lambda x, p: (x, jax.tree.map(zeros, out[1]))  # noqa: E731
+    return jax.lax.cond(on, block, skip, x, p)
+
+  return jax.lax.scan(_remat(cfg, body), x, (stack_params, active))
 
 
 def forward(cfg: ModelConfig, params: Params, tokens, *, positions=None, segment_ids=None, return_aux: bool = False):
@@ -338,6 +353,12 @@ def hidden(cfg: ModelConfig, params: Params, tokens, *, positions=None, segment_
                router_z_loss=cfg.moe.router_z_loss_coef * jnp.mean(stats["z_loss"]),
                expert_load=stats["expert_load"], moe_dropped=jnp.sum(stats["dropped"]))
   return out, aux
+
+
+def mtp_hidden(cfg: ModelConfig, params: Params, tokens, h, ctx: Context):
+  """The MTP blocks' final-normed outputs [M, B, T, D] and MoE statistics (None for dense blocks) from the last
+  block's output h [B, T, D] (the last pipeline stage calls this; see `_mtp`)."""
+  return _mtp(cfg, params, tokens, h, ctx)
 
 
 def _mtp(cfg: ModelConfig, params: Params, tokens, h, ctx: Context):

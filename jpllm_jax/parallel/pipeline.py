@@ -3,10 +3,13 @@
   loss, aux, grads = pipeline_value_and_grad(stage_fn, embed_fn, loss_fn, stage_params, shared_params,
                                              microbatches, mesh=mesh, schedule=make_schedule("1f1b", 4, 8))
 
-The model comes in three pieces: `embed_fn(shared, batch) -> h` (first virtual stage), `stage_fn(layers, h, batch)
--> h` (a block of stacked layers; the micro-batch gives it positions and segment ids), `loss_fn(shared, h, batch) ->
-(token-weighted loss sum, token count[, dict of other sums])` (last virtual stage; the sums come back in aux). `stage_params` leaves have a leading layer axis L; device s runs chunk c = layer block c S + s
-(L / (S V) layers each, Megatron's interleaved layout; V = 1: contiguous blocks).
+The model comes in three pieces: `embed_fn(shared, batch) -> h` (first virtual stage), `stage_fn(layers, h, batch,
+v) -> h` or `(h, loss term, dict of other sums)` (a block of stacked layers of virtual stage v, a traced int; the
+micro-batch gives it positions and segment ids; a loss term, e.g. MoE balance losses, is added to the loss sum and
+differentiated), `loss_fn(shared, h, batch) -> (token-weighted loss sum, token count[, dict of other sums])` (last
+virtual stage; the sums of both come back in aux, added by key). `stage_params` leaves have a leading layer axis
+L; device s runs chunk c = layer block c S + s (L / (S V) layers each, Megatron's interleaved layout; V = 1:
+contiguous blocks).
 
 Each device scans over the ticks of its own schedule row. A tick stores the messages that arrived into the
 input / cotangent buffers (the schedule's slots), runs one branch of a `lax.switch` (idle, forward, or
@@ -18,8 +21,8 @@ times one stage input, plus one stage's activations.
 
 Gradients of the shared parameters (embedding, head; tied or not) are summed over the stages with one psum;
 the loss and the gradients are divided by the total token count at the end, so they equal `jax.value_and_grad`
-of sum(loss sums) / sum(token counts). Only `stage_axis` is manual: other mesh axes stay automatic, so the
-batch may be sharded over `data` (and the stage functions may carry their own sharding constraints).
+of sum(loss sums) / sum(token counts). `stage_axis` and `batch_axes` are manual; the other mesh axes (tensor,
+expert) stay automatic, so the stage functions may carry their own sharding constraints for them.
 """
 from __future__ import annotations
 
@@ -51,14 +54,18 @@ def device_rows(schedule: Schedule) -> np.ndarray:
 
 def pipeline_value_and_grad(stage_fn: Callable, embed_fn: Callable, loss_fn: Callable, stage_params: Any,
                             shared_params: Any, microbatches: Any, *, mesh: Mesh, schedule: Schedule,
-                            stage_axis: str = "stage") -> tuple[jax.Array, dict, tuple[Any, Any]]:
+                            stage_axis: str = "stage", batch_axes: tuple[str, ...] = ()
+                            ) -> tuple[jax.Array, dict, tuple[Any, Any]]:
   """Loss, aux and gradients (stage_params', shared_params') of the pipelined model over all micro-batches.
 
   Args:
     stage_fn, embed_fn, loss_fn: the model's pieces (module docstring).
-    stage_params: pytree of [L, ...] stacked layers. shared_params: pytree used by embed_fn and loss_fn.
+    stage_params: pytree of [L, ...] stacked layers (L may differ between leaves: several stacks). shared_params: pytree used by embed_fn and loss_fn.
     microbatches: pytree of [M, ...] arrays, one row per micro-batch.
     mesh: a mesh with `stage_axis` of size schedule.stages. schedule: from `make_schedule`.
+    batch_axes: mesh axes that split every micro-batch's rows (axis 1 of the microbatches' leaves) and are manual
+      too: each data-parallel group runs its own pipeline on its rows with the parameters gathered over these axes
+      (FSDP with a pipeline is ZeRO-1/2, as in DeepSpeed), its gradients summed over them at the end.
   Returns:
     loss = sum of loss sums / sum of token counts, aux {"loss_sum", "tokens", **loss_fn's other sums (summed,
     not divided)}, grads (stage, shared).
@@ -67,18 +74,19 @@ def pipeline_value_and_grad(stage_fn: Callable, embed_fn: Callable, loss_fn: Cal
   if mesh.shape[stage_axis] != S:
     raise ValueError(f"schedule has {S} stages but mesh axis {stage_axis!r} has {mesh.shape[stage_axis]} devices")
   n_layers = {w.shape[0] for w in jax.tree.leaves(stage_params)}
-  if len(n_layers) != 1 or next(iter(n_layers)) % (S * V):
-    raise ValueError(f"stage_params need one leading layer count divisible by stages x virtual_stages = {S * V}, "
+  if any(n % (S * V) for n in n_layers):
+    raise ValueError(f"stage_params need leading layer counts divisible by stages x virtual_stages = {S * V}, "
                      f"got {sorted(n_layers)}")
   n_mb = {x.shape[0] for x in jax.tree.leaves(microbatches)}
   if n_mb != {M}:
     raise ValueError(f"microbatches need a leading axis of {M} (the schedule's micro-batches), got {sorted(n_mb)}")
-  L = n_layers.pop()
-  chunked = jax.tree.map(lambda w: w.reshape(V, S, L // (S * V), *w.shape[1:]), stage_params)
+  chunked = jax.tree.map(lambda w: w.reshape(V, S, w.shape[0] // (S * V), *w.shape[1:]), stage_params)
   rows = jnp.asarray(device_rows(schedule))
-  body = functools.partial(_device_program, stage_fn, embed_fn, loss_fn, schedule=schedule, axis=stage_axis)
-  run = jax.shard_map(body, mesh=mesh, axis_names={stage_axis},
-                      in_specs=(P(None, stage_axis), P(), P(), P(stage_axis)),
+  batch_axes = tuple(a for a in batch_axes if mesh.shape[a] > 1)
+  body = functools.partial(_device_program, stage_fn, embed_fn, loss_fn, schedule=schedule, axis=stage_axis,
+                           batch_axes=batch_axes)
+  run = jax.shard_map(body, mesh=mesh, axis_names={stage_axis, *batch_axes},
+                      in_specs=(P(None, stage_axis), P(), P(None, batch_axes or None), P(stage_axis)),
                       out_specs=(P(), P(), P(), P(None, stage_axis), P()))
   loss_sum, tokens, extra, g_stage, g_shared = run(chunked, shared_params, microbatches, rows)
   g_stage = jax.tree.map(lambda g, w: (g / tokens).reshape(w.shape).astype(w.dtype), g_stage, stage_params)
@@ -86,51 +94,68 @@ def pipeline_value_and_grad(stage_fn: Callable, embed_fn: Callable, loss_fn: Cal
   return loss_sum / tokens, {**extra, "loss_sum": loss_sum, "tokens": tokens}, (g_stage, g_shared)
 
 
-def _vary(tree, axis: str):
-  """Casts every leaf to vary over the stage axis (the per-device values of the scan carry and branches)."""
+def _vary(tree, axes: tuple[str, ...]):
+  """Casts every leaf to vary over the manual axes (the per-device values of the scan carry and branches)."""
   def cast(x):
-    return x if axis in jax.typeof(x).manual_axis_type.varying else lax.pcast(x, (axis,), to="varying")
+    missing = tuple(a for a in axes if a not in jax.typeof(x).manual_axis_type.varying)
+    return lax.pcast(x, missing, to="varying") if missing else x
   return jax.tree.map(cast, tree)
 
 
-def _device_program(stage_fn, embed_fn, loss_fn, params, shared, batches, rows, *, schedule: Schedule, axis: str):
+def _device_program(stage_fn, embed_fn, loss_fn, params, shared, batches, rows, *, schedule: Schedule, axis: str,
+                    batch_axes: tuple[str, ...]):
   """One device's scan over its schedule row; returns its loss sum, token count and gradient sums."""
-  S = schedule.stages
-  params = jax.tree.map(lambda w: w[:, 0], params)  # [V, layers per chunk, ...]
+  S, manual = schedule.stages, (axis, *batch_axes)
+  params = _vary(jax.tree.map(lambda w: w[:, 0], params), manual)  # [V, layers per chunk, ...]
   # Varying copies: their gradients stay per device (no implicit psum inside a branch); summed once below.
-  shared, batches = _vary(shared, axis), _vary(batches, axis)
+  shared, batches = _vary(shared, manual), _vary(batches, manual)
   batch0 = jax.tree.map(lambda b: b[0], batches)
   h = jax.eval_shape(embed_fn, shared, batch0)
-  zeros = lambda shape, dtype: _vary(jnp.zeros(shape, dtype), axis)  # noqa: E731
+  zeros = lambda shape, dtype: _vary(jnp.zeros(shape, dtype), manual)  # noqa: E731
   zero_h = zeros(h.shape, h.dtype)
   zero_p = jax.tree.map(lambda w: zeros(w.shape[1:], w.dtype), params)
   zero_s = jax.tree.map(lambda w: zeros(w.shape, w.dtype), shared)
   zero_f = zeros((), jnp.float32)
-  extra_shape = (tuple(jax.eval_shape(loss_fn, shared, zero_h, batch0)) + ({},))[2]
-  zero_e = jax.tree.map(lambda e: zeros(e.shape, jnp.float32), extra_shape)
+  v0 = _vary(jnp.zeros((), jnp.int32), manual)
 
-  def losses(sh, y, batch):  # (loss sum, tokens, other sums), float32 and varying
-    out = tuple(loss_fn(sh, y, batch)) + ({},)
-    return _vary((out[0].astype(jnp.float32), out[1].astype(jnp.float32),
-                  jax.tree.map(lambda e: e.astype(jnp.float32), out[2])), axis)
+  def run_stage(p, x, batch, v):  # (y, loss term, other sums) whatever stage_fn returns
+    out = stage_fn(p, x, batch, v)
+    return out if isinstance(out, tuple) else (out, jnp.zeros((), jnp.float32), {})
 
-  def forward(first, last, p, sh, batch, x, g):
+  def losses(sh, y, batch):  # (loss sum, tokens, other sums)
+    return (tuple(loss_fn(sh, y, batch)) + ({},))[:3]
+
+  stage_e = jax.eval_shape(run_stage, zero_p, zero_h, batch0, v0)[2]
+  loss_e = jax.eval_shape(losses, shared, zero_h, batch0)[2]
+  zero_e = jax.tree.map(lambda e: zeros(e.shape, jnp.float32), {**stage_e, **loss_e})
+
+  def sums(*parts):  # the other sums as one float32, varying dict with every key
+    out = dict(zero_e)
+    for part in parts:
+      for k, e in part.items():
+        out[k] = out[k] + e.astype(jnp.float32)
+    return _vary(out, manual)
+
+  f32v = lambda x: _vary(jnp.asarray(x, jnp.float32), manual)  # noqa: E731
+
+  def forward(first, last, p, sh, batch, x, g, v):
     del g
-    y = stage_fn(p, embed_fn(sh, batch) if first else x, batch)
+    y, l, e = run_stage(p, embed_fn(sh, batch) if first else x, batch, v)
     if not last:
-      return y, zero_h, zero_p, zero_s, zero_f, zero_f, zero_e
-    return zero_h, zero_h, zero_p, zero_s, *losses(sh, y, batch)
+      return y, zero_h, zero_p, zero_s, f32v(l), zero_f, sums(e)
+    total, n, e_last = losses(sh, y, batch)
+    return zero_h, zero_h, zero_p, zero_s, f32v(total + l), f32v(n), sums(e, e_last)
 
-  def backward(first, last, p, sh, batch, x, g):
+  def backward(first, last, p, sh, batch, x, g, v):
     def f(p, sh, x):
-      y = stage_fn(p, embed_fn(sh, batch) if first else x, batch)
-      return loss_fn(sh, y, batch)[0] if last else y
+      y, l, _ = run_stage(p, embed_fn(sh, batch) if first else x, batch, v)
+      return losses(sh, y, batch)[0] + l if last else (y, l)
     out, vjp = jax.vjp(f, p, sh, x)
-    dp, dsh, dx = vjp(jnp.ones_like(out) if last else g.astype(out.dtype))
-    return zero_h, zero_h if first else dx.astype(h.dtype), dp, _vary(dsh, axis), zero_f, zero_f, zero_e
+    dp, dsh, dx = vjp(jnp.ones_like(out) if last else (g.astype(out[0].dtype), jnp.ones_like(out[1])))
+    return zero_h, zero_h if first else dx.astype(h.dtype), dp, _vary(dsh, manual), zero_f, zero_f, zero_e
 
-  def idle(p, sh, batch, x, g):
-    del p, sh, batch, x, g
+  def idle(p, sh, batch, x, g, v):
+    del p, sh, batch, x, g, v
     return zero_h, zero_h, zero_p, zero_s, zero_f, zero_f, zero_e
 
   branches = [idle] + [functools.partial(fn, first, last) for fn in (forward, backward)
@@ -148,7 +173,9 @@ def _device_program(stage_fn, embed_fn, loss_fn, params, shared, batches, rows, 
     c = row[_CHUNK]
     p = jax.tree.map(lambda w: w[c], params)
     batch = jax.tree.map(lambda b: b[row[_MICRO]], batches)
-    y, dx, dp, dsh, l, n, e = lax.switch(row[_CODE], branches, p, shared, batch, acts[row[_SLOT]], cots[row[_GSLOT]])
+    v = c * S + lax.axis_index(axis)  # the virtual stage
+    y, dx, dp, dsh, l, n, e = lax.switch(row[_CODE], branches, p, shared, batch, acts[row[_SLOT]], cots[row[_GSLOT]],
+                                         v)
     g_p = jax.tree.map(lambda acc, d: acc.at[c].add(d.astype(acc.dtype)), g_p, dp)
     g_s = jax.tree.map(lambda acc, d: acc + d.astype(acc.dtype), g_s, dsh)
     fwd_in, bwd_in = lax.ppermute(y, axis, fwd_perm), lax.ppermute(dx, axis, bwd_perm)
@@ -159,5 +186,5 @@ def _device_program(stage_fn, embed_fn, loss_fn, params, shared, batches, rows, 
   init = (zeros((schedule.act_slots, *h.shape), h.dtype), zeros((schedule.grad_slots, *h.shape), h.dtype),
           zero_h, zero_h, jax.tree.map(f32, params), jax.tree.map(f32, shared), zero_f, zero_f, zero_e)
   (_, _, _, _, g_p, g_s, loss, tokens, extra), _ = lax.scan(tick, init, rows[0])
-  g_p = jax.tree.map(lambda g: g[:, None], g_p)
-  return lax.psum(loss, axis), lax.psum(tokens, axis), lax.psum(extra, axis), g_p, lax.psum(g_s, axis)
+  g_p = jax.tree.map(lambda g: g[:, None], lax.psum(g_p, batch_axes) if batch_axes else g_p)
+  return lax.psum(loss, manual), lax.psum(tokens, manual), lax.psum(extra, manual), g_p, lax.psum(g_s, manual)

@@ -11,14 +11,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jpllm_jax import models
 from jpllm_jax.models import fp8, layers, moe
+from jpllm_jax.models import strategy as model_strategy
 from jpllm_jax.models.config import ModelConfig
+from jpllm_jax.moe.ops import moe_ffn
 from jpllm_jax.parallel import DEFAULT_RULES, axis_rules, logical_to_spec, shardings
-from jpllm_jax.parallel.logical import Rules
+from jpllm_jax.parallel.logical import Rules, current_rules, logical_constraint
 from jpllm_jax.parallel.pipeline import pipeline_value_and_grad
 from jpllm_jax.parallel.pipeline_schedule import Schedule, make_schedule
 
@@ -53,7 +56,7 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, rng: jax.Arra
 def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
                     rules: Rules = DEFAULT_RULES) -> State:
   """Shardings of every state leaf: optimizer moments follow their parameter, scalars are replicated."""
-  param_axes = models.param_axes(cfg)
+  param_axes = _stage_divisible_axes(cfg, mesh, models.param_axes(cfg))
   abstract = jax.eval_shape(functools.partial(init_state, cfg, tx), jax.random.key(0))
   replicated = NamedSharding(mesh, PartitionSpec())
   is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
@@ -64,6 +67,16 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
       is_leaf=is_axes)
   return {"params": shardings(param_axes, mesh, rules), "opt_state": opt_shardings, "step": replicated,
           "loss_ema": replicated}
+
+
+def _stage_divisible_axes(cfg: ModelConfig, mesh: Mesh, axes):
+  """`axes` with the `layers` axis unsharded (kept whole on every stage) for the stacks whose layer count the
+  `stage` axis does not divide (uneven pipelines: DeepSeek's first dense layers, the MTP blocks)."""
+  n = mesh.shape.get("stage", 1)
+  shapes = models.param_shapes(cfg)
+  def fix(a, shape):
+    return tuple(None if x == "layers" and shape.shape[i] % n else x for i, x in enumerate(a))
+  return jax.tree.map(fix, axes, shapes, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
@@ -146,11 +159,11 @@ def loss_and_grads(cfg: ModelConfig, params, batch, *, z_loss: float, micro_batc
 
 def pipeline_schedule(cfg: ModelConfig, mesh: Mesh, step_cfg: StepConfig) -> Schedule | None:
   """The tick table of a mesh with `stage` > 1 (None without one); fails before compiling, naming the fix, for a
-  model the pipelined step does not run yet or a layer count that does not split into stages x virtual_stages."""
+  layer count (dense and MoE layers together) that does not split into stages x virtual_stages."""
   S, V = mesh.shape.get("stage", 1), step_cfg.virtual_stages
   if S == 1:
     return None
-  if cfg.moe.n_experts or cfg.mtp.depth:
+  if cfg.moe.n_experts or cfg.mtp.depth:  # stage_layout places them, but the run deadlocks on XLA:CPU so far.
     raise ValueError("pipeline parallelism (mesh.stage > 1) runs dense models without MTP so far; set "
                      "mesh.stage=1 for MoE or MTP models")
   L, n = cfg.n_layers, S * V
@@ -161,34 +174,135 @@ def pipeline_schedule(cfg: ModelConfig, mesh: Mesh, step_cfg: StepConfig) -> Sch
   return make_schedule(step_cfg.pipeline or "1f1b", S, step_cfg.micro_batches, V)
 
 
-def pipeline_loss_and_grads(cfg: ModelConfig, params, batch, *, mesh: Mesh, schedule: Schedule, z_loss: float):
-  """`loss_and_grads` of a dense model pipelined over the `stage` mesh axis: the embedding runs on the first
-  stage, `layers` split into the schedule's chunks, final norm, head and loss on the last stage (a tied embedding's
-  two gradients summed by the executor). The batch is split into `schedule.micro_batches` like `loss_and_grads`."""
-  M = schedule.micro_batches
+def _onehot_ce_sums(logits, b):
+  """Weighted sums (cross-entropy, log Z ** 2, tokens) of a micro-batch's logits, the target logit picked by a
+  one-hot select rather than a gather: XLA's SPMD partitioner aborts on the gather of vocabulary-sharded logits
+  inside the pipeline's partially manual shard_map (spmd_partitioner_util.cc:497 with stage x tensor x another
+  axis); the select partitions like the logsumexp. Equal to `models.cross_entropy`'s sums (one non-zero term)."""
+  logits = logical_constraint(logits, ("batch", "length", "vocab"))
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == b["targets"][..., None]
+  target = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
+  w = b["weights"].astype(jnp.float32)
+  return jnp.sum((log_z - target) * w), jnp.sum(jnp.square(log_z) * w), jnp.sum(w)
+
+
+def stage_layout(cfg: ModelConfig, stages: int, virtual: int = 1) -> list[tuple[str, np.ndarray, np.ndarray]]:
+  """The layer -> virtual stage assignment across the stacks: the model's layers in order (`layers`, then
+  `layers_moe`) cut into S x V equal chunks, chunk v run by device v % S. Per stack: (name, index int [S V, w],
+  active bool [S V, w]): chunk v runs rows index[v] of that stack where active (w: the most any chunk has; an
+  uneven stack, e.g. DeepSeek's first dense layers, is padded with inactive rows)."""
+  stacks = [(n, k) for n, k in (("layers", cfg.n_dense_layers), ("layers_moe", cfg.n_moe_layers)) if k]
+  chunks = stages * virtual
+  per = sum(k for _, k in stacks) // chunks
+  out, start = [], 0
+  for name, k in stacks:
+    lo = np.clip(np.arange(chunks) * per - start, 0, k)
+    count = np.clip(np.arange(1, chunks + 1) * per - start, 0, k) - lo
+    width = int(count.max())
+    out.append((name, np.minimum(lo[:, None] + np.arange(width), k - 1), np.arange(width) < count[:, None]))
+    start += k
+  return out
+
+
+def _pipeline_batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The batch's mesh axes that the pipeline makes manual (one pipeline per data-parallel group); `expert` stays
+  automatic for the expert-parallel path inside the stages. Under the active rules, else DEFAULT_RULES."""
+  state = current_rules()
+  axes = logical_to_spec(("batch",), state[1] if state else DEFAULT_RULES)[0] or ()
+  return tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a != "expert" and mesh.shape[a] > 1)
+
+
+def _stage_strategy():
+  """The model's parallel strategy inside the pipeline's shard_map: the default MoE path, its experts sharded
+  over `expert` by the automatic partitioner, with the ragged layout (the block layout's `jnp.searchsorted` fails
+  on stage-varying inputs in jax 0.10.2). The expert-parallel dispatch's own shard_map, nested in the pipeline's,
+  fails Shardy's verifier ("manual axis expert after free axis stage"), so it is not used inside stages yet."""
+  return model_strategy.use(model_strategy.Strategy(expert_ffn=functools.partial(moe_ffn, impl="ragged")))
+
+
+def _moe_sums(cfg: ModelConfig, stats, rows, on, n):
+  """A stage's share of the MoE losses as a loss term (its routed layers' balance and router z-losses, each
+  a mean over all routed layers times the micro-batch's tokens n, as in `_loss_sums`), and its sums."""
+  on = on.astype(jnp.float32)
+  n_routed = cfg.n_routed_layers
+  term = n * (cfg.moe.moe_aux_loss_coef * jnp.sum(stats["balance_loss"] * on)
+              + cfg.moe.router_z_loss_coef * jnp.sum(stats["z_loss"] * on)) / n_routed
+  load = jnp.zeros((n_routed, cfg.moe.n_experts), jnp.float32).at[rows].add(stats["expert_load"] * on[:, None])
+  return term, {"moe_loss": jax.lax.stop_gradient(term), "expert_load": load * n,
+                "moe_dropped": jnp.sum(stats["dropped"].astype(jnp.float32) * on)}
+
+
+def pipeline_loss_and_grads(cfg: ModelConfig, params, batch, *, mesh: Mesh, schedule: Schedule, z_loss: float,
+                            mtp_loss_coef: float = 0.0):
+  """`loss_and_grads` pipelined over the `stage` mesh axis: the embedding runs on the first virtual stage, the
+  layers of both stacks in the chunks of `stage_layout`, final norm, head, loss and the MTP blocks on the last
+  (a tied embedding's gradients from both ends summed by the executor; MoE balance losses where their layers run).
+  The batch is split into `schedule.micro_batches` like `loss_and_grads`, whose metrics this returns."""
+  M, S, V = schedule.micro_batches, schedule.stages, schedule.virtual
   split = jax.tree.map(lambda x: x.reshape(M, x.shape[0] // M, *x.shape[1:]), batch)
-  shared = {k: v for k, v in params.items() if k != "layers"}
+  layout = stage_layout(cfg, S, V)
+  names = {name for name, _, _ in layout}
+  shared = {k: v for k, v in params.items() if k not in names}
+  stacks, plain = {}, {}
+  for name, index, active in layout:  # an even single stack runs as it is stored; others are gathered, padded.
+    plain[name] = active.all() and np.array_equal(index.reshape(-1), np.arange(index.size))
+    stacks[name] = params[name] if plain[name] else jax.tree.map(lambda w: w[index.reshape(-1)], params[name])
+  batch_axes = _pipeline_batch_axes(mesh)
 
   def embed_fn(sh, b):
     return models.embed(cfg, sh, b["inputs"], b["positions"])
 
-  def stage_fn(p, h, b):
-    return models.run_stack(cfg, p, h, models.context(cfg, b["inputs"], b["positions"], b["segment_ids"]))[0]
+  def stage_fn(p, h, b, v):
+    ctx = models.context(cfg, b["inputs"], b["positions"], b["segment_ids"])
+    term, extra = jnp.zeros((), jnp.float32), {}
+    with _stage_strategy():
+      for name, index, active in layout:
+        on = jnp.asarray(active)[v]
+        h, stats = models.run_stack(cfg, p[name], h, ctx, with_stats=name == "layers_moe",
+                                    active=None if active.all() else on)
+        if name == "layers_moe":
+          term, extra = _moe_sums(cfg, stats, jnp.asarray(index)[v], on, jnp.sum(b["weights"].astype(jnp.float32)))
+    return h, term, extra
+
+  def ce_sums(sh, x, targets, weights):
+    w, lay = models.head(cfg, sh, x.dtype)
+    logits = jnp.einsum(f"btd,{lay}->btv", x, w, preferred_element_type=jnp.float32)
+    return _onehot_ce_sums(logits, {"targets": targets, "weights": weights})
 
   def loss_fn(sh, h, b):
-    x = layers.norm(cfg, sh["final_norm"], h)
-    w, layout = models.head(cfg, sh, x.dtype)
-    # A micro-batch's logits are materialised: the fused head's scan carry is not yet stage-varying.
-    logits = jnp.einsum(f"btd,{layout}->btv", x, w, preferred_element_type=jnp.float32)
-    total, m = models.cross_entropy(logits, b["targets"], b["weights"], z_loss=z_loss)
-    n = m["tokens"]
-    return total * n, n, {"ce": m["ce"] * n, "z_loss": m["z_loss"] * n}
+    ce, zl, n = ce_sums(sh, layers.norm(cfg, sh["final_norm"], h), b["targets"], b["weights"])
+    total, extra = ce + z_loss * zl, {"ce": ce, "z_loss": zl}
+    if cfg.mtp.depth:
+      ctx = models.context(cfg, b["inputs"], b["positions"], b["segment_ids"])
+      with _stage_strategy():
+        hid, stats = models.mtp_hidden(cfg, sh, b["inputs"], h, ctx)
+      mtp = []
+      for k in range(cfg.mtp.depth):
+        ce_k, _, n_k = ce_sums(sh, hid[k], *_mtp_targets(b, k))
+        mtp.append(ce_k / jnp.maximum(n_k, 1.0))
+      mtp_mean = jnp.mean(jnp.stack(mtp))
+      total, extra["mtp_loss"] = total + mtp_loss_coef * mtp_mean * n, mtp_mean * n
+      if stats is not None:
+        rows = cfg.n_moe_layers + jnp.arange(cfg.mtp.depth)
+        term, moe_extra = _moe_sums(cfg, stats, rows, jnp.ones((cfg.mtp.depth,), bool), n)
+        total, extra = total + term, {**extra, **moe_extra}
+    return total, n, extra
 
-  loss, aux, (g_stage, g_shared) = pipeline_value_and_grad(stage_fn, embed_fn, loss_fn, params["layers"], shared,
-                                                           split, mesh=mesh, schedule=schedule)
+  loss, aux, (g_stage, g_shared) = pipeline_value_and_grad(stage_fn, embed_fn, loss_fn, stacks, shared, split,
+                                                           mesh=mesh, schedule=schedule, batch_axes=batch_axes)
+  grads = dict(g_shared)
+  for name, index, active in layout:  # back to the stored stacks: padded rows dropped, gathered rows summed.
+    if plain[name]:
+      grads[name] = g_stage[name]
+      continue
+    keep = active.reshape(-1)
+    grads[name] = jax.tree.map(
+        lambda g, w: jnp.zeros_like(w).at[index.reshape(-1)].add(
+            jnp.where(keep.reshape(-1, *[1] * (g.ndim - 1)), g, 0).astype(w.dtype)), g_stage[name], params[name])
   denom = jnp.maximum(aux["tokens"], 1.0)
-  metrics = {"loss": loss, "ce": aux["ce"] / denom, "z_loss": aux["z_loss"] / denom, "tokens": aux["tokens"]}
-  return metrics, {**g_shared, "layers": g_stage}
+  metrics = {k: v if k == "moe_dropped" else v / denom for k, v in aux.items() if k not in ("loss_sum", "tokens")}
+  return {**metrics, "loss": loss, "tokens": aux["tokens"]}, {k: grads[k] for k in params}
 
 
 def train_step(state: State, batch: dict[str, jax.Array], *, cfg: ModelConfig, tx: optax.GradientTransformation,
@@ -202,7 +316,7 @@ def train_step(state: State, batch: dict[str, jax.Array], *, cfg: ModelConfig, t
   """
   if pipeline is not None:
     metrics, grads = pipeline_loss_and_grads(cfg, state["params"], batch, mesh=mesh, schedule=pipeline,
-                                             z_loss=step_cfg.z_loss)
+                                             z_loss=step_cfg.z_loss, mtp_loss_coef=step_cfg.mtp_loss_coef)
   else:
     metrics, grads = fp8.train_grads(cfg, state["params"], state["step"], lambda params: loss_and_grads(
         cfg, params, batch, z_loss=step_cfg.z_loss, micro_batches=step_cfg.micro_batches,
