@@ -115,6 +115,9 @@ def test_unsupported_pipelines_fail_before_compiling():
     pipeline_schedule(cfg, FakeMesh(), StepConfig(micro_batches=4))
   with pytest.raises(ValueError, match="dense models"):
     pipeline_schedule(deepseek.PRESETS["deepseek-v3"](), FakeMesh(), StepConfig(micro_batches=4))
+  fp8_cfg = cfg.replace(n_layers=8, matmul="fp8_blockwise")
+  with pytest.raises(ValueError, match="model.matmul=default only"):
+    pipeline_schedule(fp8_cfg, FakeMesh(), StepConfig(micro_batches=4))
 
 
 @pytest.mark.slow

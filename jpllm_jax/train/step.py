@@ -166,6 +166,9 @@ def pipeline_schedule(cfg: ModelConfig, mesh: Mesh, step_cfg: StepConfig) -> Sch
   if cfg.moe.n_experts or cfg.mtp.depth:  # stage_layout places them, but the run deadlocks on XLA:CPU so far.
     raise ValueError("pipeline parallelism (mesh.stage > 1) runs dense models without MTP so far; set "
                      "mesh.stage=1 for MoE or MTP models")
+  if cfg.numerics.matmul != "default":  # the pipeline's stages do not inject the matmul policy yet.
+    raise ValueError(f"pipeline parallelism (mesh.stage > 1) runs model.matmul=default only so far, not "
+                     f"{cfg.numerics.matmul!r}; set mesh.stage=1 for FP8 training")
   L, n = cfg.n_layers, S * V
   if L % n:
     stages = [s for s in range(1, L + 1) if L % (s * V) == 0]
