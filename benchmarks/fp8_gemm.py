@@ -25,9 +25,7 @@ import numpy as np
 
 from jpllm_jax.models import fp8, llama
 from jpllm_jax.moe import ops
-from jpllm_jax.parallel import make_mesh
-from jpllm_jax.train.optimizer import make_optimizer
-from jpllm_jax.train.step import StepConfig, init_state, make_train_step, state_shardings
+from benchmarks.train_throughput import compiled_step
 from kernels_pallas.fp8_gemm import fp8_matmul
 
 
@@ -77,21 +75,10 @@ def grouped(experts: int, rows: int, d: int, f: int, iters: int) -> dict:
 
 def train_step(model: dict, batch: int, seq: int, iters: int) -> dict:
   out = {"kind": "train_step", "batch": batch, "seq": seq}
-  mesh = make_mesh({"data": -1})
   rng = np.random.default_rng(0)
   for matmul in ("default", "fp8_blockwise"):
     cfg = llama.llama2(**model, max_seq_len=seq, dtype="bfloat16", matmul=matmul)
-    tx, schedule = make_optimizer(3e-4, 10, 1000)
-    state = jax.jit(functools.partial(init_state, cfg, tx), out_shardings=state_shardings(cfg, tx, mesh))(
-        jax.random.key(0))
-    step = make_train_step(cfg, tx, schedule, StepConfig(), mesh)
-    data = dict(inputs=rng.integers(0, cfg.vocab_size, (batch, seq), dtype=np.int32),
-                targets=rng.integers(0, cfg.vocab_size, (batch, seq), dtype=np.int32),
-                segment_ids=np.ones((batch, seq), np.int32),
-                positions=np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
-                weights=np.ones((batch, seq), np.float32))
-    state, m = step(state, data)  # compile
-    jax.block_until_ready(m)
+    step, state, data, m = compiled_step(cfg, batch, seq, rng)
     times = []
     for _ in range(iters):
       t0 = time.perf_counter()

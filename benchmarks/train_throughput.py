@@ -34,15 +34,14 @@ from jpllm_jax.train.optimizer import make_optimizer  # noqa: E402
 from jpllm_jax.train.step import StepConfig, init_state, make_train_step, state_shardings  # noqa: E402
 
 
-def run(dtype: str, steps: int, batch: int, seq: int, remat: str) -> dict:
-  cfg = llama.llama2(vocab_size=32000, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_ff=1536,
-                     max_seq_len=seq, dtype=dtype, remat=remat)
+def compiled_step(cfg, batch: int, seq: int, rng: np.random.Generator):
+  """(step, state, batch of random tokens, metrics) of `cfg`'s train step on a data-parallel mesh of every
+  device, after one step that compiled it."""
   mesh = make_mesh({"data": -1})
   tx, schedule = make_optimizer(3e-4, 10, 1000)
   state = jax.jit(functools.partial(init_state, cfg, tx), out_shardings=state_shardings(cfg, tx, mesh))(
       jax.random.key(0))
   step = make_train_step(cfg, tx, schedule, StepConfig(), mesh)
-  rng = np.random.default_rng(0)
   data = dict(inputs=rng.integers(0, cfg.vocab_size, (batch, seq), dtype=np.int32),
               targets=rng.integers(0, cfg.vocab_size, (batch, seq), dtype=np.int32),
               segment_ids=np.ones((batch, seq), np.int32),
@@ -50,6 +49,13 @@ def run(dtype: str, steps: int, batch: int, seq: int, remat: str) -> dict:
               weights=np.ones((batch, seq), np.float32))
   state, m = step(state, data)  # compile
   jax.block_until_ready(m)
+  return step, state, data, m
+
+
+def run(dtype: str, steps: int, batch: int, seq: int, remat: str) -> dict:
+  cfg = llama.llama2(vocab_size=32000, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_ff=1536,
+                     max_seq_len=seq, dtype=dtype, remat=remat)
+  step, state, data, m = compiled_step(cfg, batch, seq, np.random.default_rng(0))
   times, peaks = [], []
   for _ in range(steps):  # peak samples interleaved with the steps, so that both see the same load
     peak = flops.measure_matmul_peaks(peaks)
