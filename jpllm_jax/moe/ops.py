@@ -17,7 +17,7 @@ differ in the layout and its grouped matmul:
             rows, each tagged with its expert, multiplied block by block (`blocked_mm`).
   "pallas"  the block layout with the Pallas GMM kernel (kernels_pallas/moe_dispatch.py): Triton on GPU,
             the interpreter elsewhere (tests).
-  "auto"    "padded" on CPU, "pallas" on GPU, "ragged" on TPU (our kernel has no Mosaic TPU lowering).
+  "auto"    "padded" on CPU, "pallas" on GPU, "ragged" on TPU (the kernel's Mosaic lowering, kernels_pallas/moe_gmm_tpu.py, is not yet timed on a TPU).
 
 Under an FP8 matmul policy (jpllm_jax.models.fp8, injected by the train step) the padded and blocked grouped
 matmuls run as FP8 GEMMs, and "ragged" and "pallas" run the block layout with FP8 GEMMs per block.
