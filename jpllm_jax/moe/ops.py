@@ -16,8 +16,8 @@ differ in the layout and its grouped matmul:
             tuning.PADDED_SLACKS, that holds it, else an exact block layout: groups tiled into blocks of `block_rows`
             rows, each tagged with its expert, multiplied block by block (`blocked_mm`).
   "pallas"  the block layout with the Pallas GMM kernel (kernels_pallas/moe_dispatch.py): Triton on GPU,
-            the interpreter elsewhere (tests).
-  "auto"    "padded" on CPU, "pallas" on GPU, "ragged" on TPU (the kernel's Mosaic lowering, kernels_pallas/moe_gmm_tpu.py, is not yet timed on a TPU).
+            Mosaic on TPU (kernels_pallas/moe_gmm_tpu.py), the interpreter elsewhere (tests).
+  "auto"    "padded" on CPU, "pallas" on GPU, "ragged" on TPU (the Mosaic kernel is not yet timed on a TPU).
 
 Under an FP8 matmul policy (jpllm_jax.models.fp8, injected by the train step) the padded and blocked grouped
 matmuls run as FP8 GEMMs, and "ragged" and "pallas" run the block layout with FP8 GEMMs per block.
