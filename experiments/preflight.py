@@ -14,6 +14,7 @@ The train preset (experiments/configs/presets.py) gives the run's batch, sequenc
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -25,10 +26,25 @@ from experiments.configs import presets as train_presets
 from jpllm_jax.train import config as run_config
 
 _FLAG_CONFIG = run_config.defaults()
-# Model fields a pre-flight may override (placeholders: only the given ones change the preset): the vocabulary
-# padded to divide the tensor axis (Megatron pads to 128 x TP), a capacity factor for dropping MoE layers.
-_FLAG_CONFIG.model = dict(remat="none", dtype="bfloat16", param_dtype="float32",
-                          vocab_size=config_dict.placeholder(int), capacity_factor=config_dict.placeholder(float))
+
+
+def _model_overrides() -> dict:
+  """Every scalar ModelConfig field (flat names) as a placeholder: only the given ones change the preset, e.g. the
+  vocabulary padded to divide the tensor axis (Megatron pads to 128 x TP), a capacity factor for dropping MoE
+  layers, fewer layers for a quick compile. Compute in bf16 with fp32 masters unless told otherwise."""
+  from jpllm_jax.models import config as model_config  # pylint: disable=import-outside-toplevel
+  types = {}
+  for cls in (model_config.ModelConfig, *model_config.GROUPS.values()):
+    for f in dataclasses.fields(cls):
+      kind = None if "tuple" in str(f.type) else next(
+          (t for t in (bool, int, float, str) if t.__name__ in str(f.type)), None)
+      types.setdefault(f.name, kind)
+  names = {k: model_config.FLAT.get(k, (None, k))[1] for k in model_config.KEYS - set(model_config.GROUPS)}
+  out = {k: config_dict.placeholder(types[n]) for k, n in sorted(names.items()) if types.get(n)}
+  return {**out, "remat": "none", "dtype": "bfloat16", "param_dtype": "float32"}
+
+
+_FLAG_CONFIG.model = _model_overrides()
 config_flags.DEFINE_config_dict("config", _FLAG_CONFIG, "Overrides of the preset's run config (mesh, model, train).")
 flags.DEFINE_string("preset", None, "A models.PRESETS name.", required=True)
 flags.DEFINE_string("topology", "v5p:2x2x1", "v5p:8x8x8-style TPU topology, or h100x8 / a64fxx16 (analytic).")
