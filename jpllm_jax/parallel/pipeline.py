@@ -129,7 +129,8 @@ def pipeline_value_and_grad(stage_fn: Callable, embed_fn: Callable, loss_fn: Cal
 
   Args:
     stage_fn, embed_fn, loss_fn: the model's pieces (module docstring).
-    stage_params: pytree of [L, ...] stacked layers (L may differ between leaves: several stacks). shared_params: pytree used by embed_fn and loss_fn.
+    stage_params: pytree of [L, ...] stacked layers (L may differ between leaves: several stacks).
+    shared_params: pytree used by embed_fn and loss_fn.
     microbatches: pytree of [M, ...] arrays, one row per micro-batch.
     mesh: a mesh with `stage_axis` of size schedule.stages. schedule: from `make_schedule`.
     batch_axes: mesh axes that split every micro-batch's rows (axis 1 of the microbatches' leaves) and are manual

@@ -6,7 +6,7 @@
 A tick is one forward or one backward of one model chunk on one device. Virtual stage v = c * S + s is chunk c
 of device s (Megatron's interleaved layout); forwards go v -> v + 1 and backwards v + 1 -> v, so a message
 always goes to the next (previous) device on the ring. Each device runs its own order of micro-steps:
-  gpipe        all M forwards, then all M backwards (M stage inputs kept per device).
+  gpipe        all M forwards, then all M backwards (M micro-batches' residuals kept per device).
   1f1b         S - s - 1 warm-up forwards, then one forward / one backward alternately (PipeDream-Flush,
                Narayanan et al. 2021), so at most S micro-batches are in flight per device.
   interleaved  V chunks per device; forwards in groups of S micro-batches, chunk by chunk, warm-up of
