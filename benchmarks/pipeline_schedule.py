@@ -3,16 +3,22 @@ r"""Memory, FLOPs, bubble and step time of the pipeline schedules (issue 15) on 
 A Llama-like stack built from jnp ops (RMSNorm, causal multi-head attention, SwiGLU; 16 layers, d_model 128,
 4 heads, 64 tokens, 8 rows per micro-batch and data rank, vocabulary 512, tied embedding) runs through
 `pipeline_value_and_grad` on a mesh of stage 4 x data 2 for GPipe, 1F1B and interleaved (V = 2) with M = 4, 8, 16.
+The layers run without rematerialisation by default (`--remat none`): a forward tick keeps every activation its
+backward needs in the schedule's residual slot, which is the memory Megatron's 1F1B argument is about (1F1B holds
+at most S micro-batches, GPipe M). `--remat dots` saves the matmul outputs only (per-layer `jax.checkpoint` with
+`checkpoint_dots`), `--remat full` the layers' inputs (per-layer `jax.checkpoint`).
 Per run it prints one JSON line: the compiled step's peak memory per device (`memory_analysis()`: arguments +
 outputs + temporaries - aliased), its FLOPs per device (`cost_analysis()`; XLA counts a while loop's body once and a
 conditional as its largest branch, so this is one tick's most expensive branch: a program that ran both branches
-and selected would show forward + backward), the FLOPs a device executes (the schedule's forward and backward
-ticks times the compiled cost of one forward and one recomputing backward of a chunk), the bubble fraction next to
-Megatron's (S - 1) / (V M + S - 1), and the step time (median of 3; fake devices share the machine's cores, so
-times carry no goal). The final JSON line holds `memory_1f1b_over_gpipe` at M = 16 (goal <= 0.5) and
-`bubble_interleaved_over_1f1b` at M = 16 (goal about 1 / V).
+and selected would show forward + backward), the FLOPs a device executes (its schedule row's forward and backward
+ticks times the compiled cost of a middle chunk's forward, which keeps its residuals, and of its backward from
+them: the executor's `split_vjp`, so a backward does not recompute the forward unless the remat policy says so),
+the residual bytes of one slot, the bubble fraction next to Megatron's (S - 1) / (V M + S - 1), and the step time
+(median of 3; fake devices share the machine's cores, so times carry no goal). The final JSON line holds
+`memory_1f1b_over_gpipe` at M = 16 (goal <= 0.5) and `bubble_interleaved_over_1f1b` at M = 16 (goal about 1 / V).
 
-  python benchmarks/pipeline_schedule.py [--micro 4,8,16] [--virtual 2] [--png benchmarks/pipeline_1f1b.png]
+  python benchmarks/pipeline_schedule.py [--micro 4,8,16] [--virtual 2] [--remat none|dots|full]
+                                         [--png benchmarks/pipeline_1f1b.png]
 
 --png draws the 1F1B tick table (S = 4, M = 8) with matplotlib, the picture in the README.
 """
@@ -34,7 +40,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from jpllm_jax.parallel import make_mesh  # noqa: E402
-from jpllm_jax.parallel.pipeline import pipeline_value_and_grad  # noqa: E402
+from jpllm_jax.parallel.pipeline import pipeline_value_and_grad, split_vjp  # noqa: E402
 from jpllm_jax.parallel.pipeline_schedule import (BACKWARD, FORWARD, make_schedule, megatron_bubble,  # noqa: E402
                                                   render_png)
 
@@ -56,9 +62,15 @@ def layer(h, w):
   return h + (jax.nn.silu(x @ w["wg"]) * (x @ w["wu"])) @ w["wd"], None
 
 
-def stage_fn(p, h, batch=None):
-  """The chunk's layers, each rematerialised (its input kept); unrolled so that cost_analysis counts every layer."""
-  return jax.lax.scan(jax.checkpoint(layer), h, p, unroll=True)[0]
+REMAT = {"none": layer, "dots": jax.checkpoint(layer, policy=jax.checkpoint_policies.checkpoint_dots),
+         "full": jax.checkpoint(layer)}
+
+
+def make_stage_fn(remat: str):
+  def stage_fn(p, h, batch=None, v=None):
+    """The chunk's layers under the remat policy; unrolled so that cost_analysis counts every layer."""
+    return jax.lax.scan(REMAT[remat], h, p, unroll=True)[0]
+  return stage_fn
 
 
 def embed_fn(sh, batch):
@@ -80,17 +92,21 @@ def init():
   return sp, {"embed": jax.random.normal(next(k), (VOCAB, D)) * 0.02, "norm": jnp.ones((D,))}
 
 
-def chunk_flops(sp, sh, batch, layers_per_chunk: int) -> tuple[float, float]:
-  """Compiled FLOPs of one middle chunk's forward and of its recomputing backward (vjp), on one device."""
+def chunk_costs(stage_fn, sp, sh, batch, layers_per_chunk: int) -> tuple[float, float, int]:
+  """Compiled FLOPs of one middle chunk's forward (keeping its residuals) and of its backward (from them), on one
+  device, as the executor splits them (`split_vjp`); and the bytes of the residuals one slot keeps."""
   p = jax.tree.map(lambda w: w[:layers_per_chunk], sp)
-  h = embed_fn(sh, batch)
-  fwd = jax.jit(stage_fn).lower(p, h).compile().cost_analysis()["flops"]
-  bwd_fn = lambda p, h, g: jax.vjp(stage_fn, p, h)[1](g)  # noqa: E731
-  bwd = jax.jit(bwd_fn).lower(p, h, h).compile().cost_analysis()["flops"]
-  return fwd, bwd
+  h, v = embed_fn(sh, batch), jnp.int32(0)
+  split = split_vjp(lambda p, h, b, v: (stage_fn(p, h, b, v), {}), p, h, batch, v)
+  fwd = jax.jit(split.forward).lower(p, h, batch, v).compile().cost_analysis()["flops"]
+  res = jax.eval_shape(split.forward, p, h, batch, v)[2]
+  bwd_fn = jax.jit(lambda res, g, p, b: split.backward(res, g, p, None, b, v))
+  bwd = bwd_fn.lower(res, h, p, batch).compile().cost_analysis()["flops"]
+  return fwd, bwd, sum(r.size * r.dtype.itemsize for r in split.residuals)
 
 
-def run(kind: str, M: int, V: int, mesh, sp, sh) -> dict:
+def run(kind: str, M: int, V: int, remat: str, mesh, sp, sh) -> dict:
+  stage_fn = make_stage_fn(remat)
   sched = make_schedule(kind, S, M, V)
   k1, k2 = jax.random.split(jax.random.key(1))
   mb = {"tokens": jax.random.randint(k1, (M, ROWS * 2, T), 0, VOCAB),
@@ -106,10 +122,11 @@ def run(kind: str, M: int, V: int, mesh, sp, sh) -> dict:
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(sp, sh, mb))
     times.append(time.perf_counter() - t0)
-  f, b = chunk_flops(sp, sh, jax.tree.map(lambda a: a[0, :ROWS], mb), LAYERS // (S * V))
+  f, b, res_bytes = chunk_costs(stage_fn, sp, sh, jax.tree.map(lambda a: a[0, :ROWS], mb), LAYERS // (S * V))
   act = sched.field("action")
   executed = max(float(np.sum(act[:, s] == FORWARD) * f + np.sum(act[:, s] == BACKWARD) * b) for s in range(S))
-  return {"schedule": kind, "S": S, "M": M, "V": V, "ticks": sched.ticks, "act_slots": sched.act_slots,
+  return {"schedule": kind, "S": S, "M": M, "V": V, "remat": remat, "ticks": sched.ticks,
+          "res_slots": sched.res_slots, "residual_mib_per_slot": round(res_bytes / 2**20, 3),
           "peak_memory_mib": round(peak / 2**20, 3), "temp_memory_mib": round(mem.temp_size_in_bytes / 2**20, 3),
           "flops_compiled_per_device": compiled.cost_analysis()["flops"], "flops_executed_per_device": executed,
           "bubble": round(sched.bubble_fraction, 4), "bubble_megatron": round(megatron_bubble(S, M, V), 4),
@@ -120,6 +137,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--micro", default="4,8,16")
   ap.add_argument("--virtual", type=int, default=2)
+  ap.add_argument("--remat", default="none", choices=sorted(REMAT))
   ap.add_argument("--png", default=None)
   args = ap.parse_args()
   if args.png:
@@ -129,16 +147,18 @@ def main():
   results = {}
   for M in map(int, args.micro.split(",")):
     for kind, V in (("gpipe", 1), ("1f1b", 1), ("interleaved", args.virtual)):
-      r = results[kind, M] = run(kind, M, V, mesh, sp, sh)
+      r = results[kind, M] = run(kind, M, V, args.remat, mesh, sp, sh)
       print(json.dumps(r), flush=True)
   M = max(m for _, m in results)
   g, o, i = results["gpipe", M], results["1f1b", M], results["interleaved", M]
-  print(json.dumps({"M": M, "memory_1f1b_over_gpipe": round(o["peak_memory_mib"] / g["peak_memory_mib"], 3),
+  print(json.dumps({"M": M, "remat": args.remat,
+                    "memory_1f1b_over_gpipe": round(o["peak_memory_mib"] / g["peak_memory_mib"], 3),
                     "temp_memory_1f1b_over_gpipe": round(o["temp_memory_mib"] / g["temp_memory_mib"], 3),
                     "flops_1f1b_over_gpipe": round(o["flops_compiled_per_device"] / g["flops_compiled_per_device"], 4),
                     "executed_flops_1f1b_over_gpipe":
                         round(o["flops_executed_per_device"] / g["flops_executed_per_device"], 4),
-                    "bubble_interleaved_over_1f1b": round(i["bubble"] / o["bubble"], 3), "goal_bubble": 1 / args.virtual,
+                    "bubble_interleaved_over_1f1b": round(i["bubble"] / o["bubble"], 3),
+                    "goal_bubble": 1 / args.virtual,
                     "step_s_1f1b_over_gpipe": round(o["step_s"] / g["step_s"], 3)}))
 
 

@@ -12,12 +12,17 @@ L; device s runs chunk c = layer block c S + s (L / (S V) layers each, Megatron'
 contiguous blocks).
 
 Each device scans over the ticks of its own schedule row. A tick stores the messages that arrived into the
-input / cotangent buffers (the schedule's slots), runs one branch of a `lax.switch` (idle, forward, or
-backward: the stage recomputed from its stored input under `jax.vjp`), and sends the forward output to the next
-device and the input cotangent to the previous one with `lax.ppermute`. Only the chosen branch runs, so a
-device spends one forward or one backward per tick. Stage inputs are kept, not activations: the backward
-recomputes its stage (full rematerialisation at stage granularity), so memory is the schedule's slot count
-times one stage input, plus one stage's activations.
+input / cotangent buffers (the schedule's slots), runs one branch of a `lax.switch` (idle, forward or backward),
+and sends the forward output to the next device and the input cotangent to the previous one with `lax.ppermute`.
+Only the chosen branch runs, so a device spends one forward or one backward per tick. A forward runs the stage
+under `jax.vjp` (`split_vjp`) and keeps the pullback's residuals in the schedule's residual slot; its backward
+rebuilds the pullback from them, without recomputing the stage. What the residuals are is the stage's remat
+policy: its activations without one, the dots' outputs under `checkpoint_dots`, the layers' inputs under per-layer
+`jax.checkpoint`, the stage input alone with the whole stage under `jax.checkpoint` (then the backward recomputes
+it). Memory per device is the residual slots (1F1B: at most S micro-batches, GPipe: M) times one stage's
+residuals. The last virtual stage's forward also runs final norm, head and loss and their backward at once and
+leaves the cotangent of its output for its own backward; the first virtual stage's backward redoes the embedding
+lookup for its gradient.
 
 Gradients of the shared parameters (embedding, head; tied or not) are summed over the stages with one psum;
 the loss and the gradients are divided by the total token count at the end, so they equal `jax.value_and_grad`
@@ -26,6 +31,7 @@ expert) stay automatic, so the stage functions may carry their own sharding cons
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -33,23 +39,86 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax._src.interpreters import partial_eval as pe  # the known / unknown split of a jaxpr, as jax.linearize does
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jpllm_jax.parallel.pipeline_schedule import BACKWARD, FORWARD, Schedule
 
-# Device row columns: branch index, micro-batch, chunk, input slot, cotangent slot, receive slots.
-_CODE, _MICRO, _CHUNK, _SLOT, _GSLOT, _RECV, _GRECV = range(7)
+# Device row columns: branch, micro-batch, chunk, the rows the op reads (stage input, cotangent, residuals; clipped
+# to 0), the rows arriving messages are written to, and the rows the op writes (residuals, the loss's cotangent).
+(_CODE, _MICRO, _CHUNK, _SLOT, _GSLOT, _RSLOT, _RECV, _GRECV, _RWRITE, _GWRITE) = range(10)
 
 
 def device_rows(schedule: Schedule) -> np.ndarray:
-  """int32 [S, T, 7]: per device and tick the switch branch (0 idle, 1 + 2 first + last forward, 5 + ...
-  backward), the micro-batch, the chunk, the read slots (clipped to 0) and the receive slots (-1: none)."""
-  act = schedule.field("action")
-  code = np.where(act == FORWARD, 1, np.where(act == BACKWARD, 5, 0))
-  code = code + (act != 0) * (2 * schedule.is_first() + schedule.is_last())
-  cols = [code, schedule.field("micro"), schedule.field("chunk"), np.maximum(schedule.field("slot"), 0),
-          np.maximum(schedule.field("grad_slot"), 0), schedule.field("recv_slot"), schedule.field("recv_grad_slot")]
+  """int32 [S, T, 10]: per device and tick the switch branch (0 idle, 1 + 2 first + last: forward, 5 + first:
+  backward), the micro-batch, the chunk, the read rows, the receive rows and the write rows (-1: none)."""
+  act, field = schedule.field("action"), schedule.field
+  fwd, bwd, first, last = act == FORWARD, act == BACKWARD, schedule.is_first(), schedule.is_last()
+  code = np.where(fwd, 1 + 2 * first + last, np.where(bwd, 5 + first, 0))
+  cols = [code, field("micro"), field("chunk"), np.maximum(field("slot"), 0),
+          np.where(bwd, np.maximum(field("grad_slot"), 0), 0), np.where(bwd, np.maximum(field("res_slot"), 0), 0),
+          field("recv_slot"), field("recv_grad_slot"), np.where(fwd, field("res_slot"), -1),
+          np.where(fwd & last, field("grad_slot"), -1)]
   return np.stack(cols, -1).transpose(1, 0, 2).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitVJP:
+  """`jax.vjp` of `fn(*args) -> (out, aux)` cut into a forward and a backward that may run ticks apart.
+
+  `forward(*args) -> (out, aux, residuals)` returns only the pullback's residuals that depend on the args in
+  `store_argnums` (a stage's input: the micro-batch's activations, as many as fn's remat policy saves).
+  `backward(residuals, ct, *args)` recomputes the other residuals from the other args (the parameters themselves,
+  their casts to the compute dtype, masks from positions: so no slot holds a copy of the weights), rebuilds the
+  pullback and returns the cotangents of all args; the args in `store_argnums` are not read there (pass None)."""
+  forward_fn: Callable  # flat args -> flat (out, aux), then the stored residuals
+  rebuild_fn: Callable  # flat args outside store_argnums -> the other residuals
+  stored: tuple[bool, ...]  # per pullback leaf
+  residuals: tuple[jax.ShapeDtypeStruct, ...]  # the stored ones
+  pullback: Any  # the pullback's treedef
+  out_tree: Any
+  store_argnums: tuple[int, ...]
+
+  def forward(self, *args):
+    flat = self.forward_fn(*jax.tree.leaves(args))
+    out, aux = jax.tree.unflatten(self.out_tree, flat[:self.out_tree.num_leaves])
+    return out, aux, tuple(flat[self.out_tree.num_leaves:])
+
+  def backward(self, residuals, ct, *args):
+    known = [x for i, a in enumerate(args) if i not in self.store_argnums for x in jax.tree.leaves(a)]
+    stored, rebuilt = iter(residuals), iter(self.rebuild_fn(*known))
+    leaves = [next(stored) if s else next(rebuilt) for s in self.stored]
+    return jax.tree.unflatten(self.pullback, leaves)(ct)
+
+
+def split_vjp(fn: Callable, *args, store_argnums: tuple[int, ...] = (1,)) -> SplitVJP:
+  """Traces `jax.vjp(fn, *args, has_aux=True)` once (args may be abstract) and sorts its pullback's residuals by
+  partial evaluation of their jaxpr with the args in `store_argnums` unknown: those depending on them are stored."""
+  trees = {}
+
+  def traced(*args):
+    out, pullback, aux = jax.vjp(fn, *args, has_aux=True)
+    outs, trees["out"] = jax.tree.flatten((out, aux))
+    res, trees["pullback"] = jax.tree.flatten(pullback)
+    return outs + res
+
+  closed = jax.make_jaxpr(traced)(*args)
+  n_out = trees["out"].num_leaves
+  unknown = [i in store_argnums for i, a in enumerate(args) for _ in jax.tree.leaves(a)]
+  known, _, out_unknown, _ = pe.partial_eval_jaxpr_nounits(closed, unknown, instantiate=False)
+  stored = tuple(out_unknown[n_out:])
+  rebuilt = [i >= n_out for i, u in enumerate(out_unknown) if not u]  # known: its known outputs, then residuals
+  avals = [a for a, s in zip(closed.out_avals[n_out:], stored) if s]
+  return SplitVJP(_pruned(closed, [True] * n_out + list(stored)),
+                  _pruned(known, rebuilt + [False] * (len(known.out_avals) - len(rebuilt))), stored,
+                  tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals), trees["pullback"], trees["out"],
+                  tuple(store_argnums))
+
+
+def _pruned(closed, used: list[bool]) -> Callable:
+  """The closed jaxpr as a function of its flat inputs, computing only the `used` outputs."""
+  jaxpr, _ = pe.dce_jaxpr(pe.convert_constvars_jaxpr(closed.jaxpr), used, instantiate=True)
+  return lambda *flat: jax.core.eval_jaxpr(jaxpr, (), *closed.consts, *flat)
 
 
 def pipeline_value_and_grad(stage_fn: Callable, embed_fn: Callable, loss_fn: Callable, stage_params: Any,
@@ -60,7 +129,8 @@ def pipeline_value_and_grad(stage_fn: Callable, embed_fn: Callable, loss_fn: Cal
 
   Args:
     stage_fn, embed_fn, loss_fn: the model's pieces (module docstring).
-    stage_params: pytree of [L, ...] stacked layers (L may differ between leaves: several stacks). shared_params: pytree used by embed_fn and loss_fn.
+    stage_params: pytree of [L, ...] stacked layers (L may differ between leaves: several stacks).
+    shared_params: pytree used by embed_fn and loss_fn.
     microbatches: pytree of [M, ...] arrays, one row per micro-batch.
     mesh: a mesh with `stage_axis` of size schedule.stages. schedule: from `make_schedule`.
     batch_axes: mesh axes that split every micro-batch's rows (axis 1 of the microbatches' leaves) and are manual
@@ -106,85 +176,108 @@ def _device_program(stage_fn, embed_fn, loss_fn, params, shared, batches, rows, 
                     batch_axes: tuple[str, ...]):
   """One device's scan over its schedule row; returns its loss sum, token count and gradient sums."""
   S, manual = schedule.stages, (axis, *batch_axes)
-  params = _vary(jax.tree.map(lambda w: w[:, 0], params), manual)  # [V, layers per chunk, ...]
+  vary = functools.partial(_vary, axes=manual)
+  params = vary(jax.tree.map(lambda w: w[:, 0], params))  # [V, layers per chunk, ...]
   # Varying copies: their gradients stay per device (no implicit psum inside a branch); summed once below.
-  shared, batches = _vary(shared, manual), _vary(batches, manual)
+  shared, batches = vary(shared), vary(batches)
   batch0 = jax.tree.map(lambda b: b[0], batches)
   h = jax.eval_shape(embed_fn, shared, batch0)
-  zeros = lambda shape, dtype: _vary(jnp.zeros(shape, dtype), manual)  # noqa: E731
-  zero_h = zeros(h.shape, h.dtype)
-  zero_p = jax.tree.map(lambda w: zeros(w.shape[1:], w.dtype), params)
-  zero_s = jax.tree.map(lambda w: zeros(w.shape, w.dtype), shared)
-  zero_f = zeros((), jnp.float32)
-  v0 = _vary(jnp.zeros((), jnp.int32), manual)
+  zeros = lambda tree: vary(jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), tree))  # noqa: E731
+  p0, x0, v0 = jax.tree.map(lambda w: w[0], params), zeros(h), vary(jnp.zeros((), jnp.int32))
 
-  def run_stage(p, x, batch, v):  # (y, loss term, other sums) whatever stage_fn returns
+  def run_stage(p, x, batch, v):  # ((y, loss term), other sums) whatever stage_fn returns
     out = stage_fn(p, x, batch, v)
-    return out if isinstance(out, tuple) else (out, jnp.zeros((), jnp.float32), {})
+    y, l, e = out if isinstance(out, tuple) else (out, jnp.zeros((), jnp.float32), {})
+    return (y, vary(jnp.asarray(l, jnp.float32))), e
 
-  def losses(sh, y, batch):  # (loss sum, tokens, other sums)
-    return (tuple(loss_fn(sh, y, batch)) + ({},))[:3]
+  def losses(sh, y, batch):  # (loss sum, (tokens, other sums))
+    total, n, *e = loss_fn(sh, y, batch)
+    return total, (n, e[0] if e else {})
 
-  stage_e = jax.eval_shape(run_stage, zero_p, zero_h, batch0, v0)[2]
-  loss_e = jax.eval_shape(losses, shared, zero_h, batch0)[2]
-  zero_e = jax.tree.map(lambda e: zeros(e.shape, jnp.float32), {**stage_e, **loss_e})
-
-  def sums(*parts):  # the other sums as one float32, varying dict with every key
-    out = dict(zero_e)
-    for part in parts:
-      for k, e in part.items():
-        out[k] = out[k] + e.astype(jnp.float32)
-    return _vary(out, manual)
-
-  f32v = lambda x: _vary(jnp.asarray(x, jnp.float32), manual)  # noqa: E731
-
-  def forward(first, last, p, sh, batch, x, g, v):
-    del g
-    y, l, e = run_stage(p, embed_fn(sh, batch) if first else x, batch, v)
-    if not last:
-      return y, zero_h, zero_p, zero_s, f32v(l), zero_f, sums(e)
-    total, n, e_last = losses(sh, y, batch)
-    return zero_h, zero_h, zero_p, zero_s, f32v(total + l), f32v(n), sums(e, e_last)
-
-  def backward(first, last, p, sh, batch, x, g, v):
-    def f(p, sh, x):
-      y, l, _ = run_stage(p, embed_fn(sh, batch) if first else x, batch, v)
-      return losses(sh, y, batch)[0] + l if last else (y, l)
-    out, vjp = jax.vjp(f, p, sh, x)
-    dp, dsh, dx = vjp(jnp.ones_like(out) if last else (g.astype(out[0].dtype), jnp.ones_like(out[1])))
-    return zero_h, zero_h if first else dx.astype(h.dtype), dp, _vary(dsh, manual), zero_f, zero_f, zero_e
-
-  def idle(p, sh, batch, x, g, v):
-    del p, sh, batch, x, g, v
-    return zero_h, zero_h, zero_p, zero_s, zero_f, zero_f, zero_e
-
-  branches = [idle] + [functools.partial(fn, first, last) for fn in (forward, backward)
-                       for first in (False, True) for last in (False, True)]
-  fwd_perm = [(s, (s + 1) % S) for s in range(S)]
-  bwd_perm = [(s, (s - 1) % S) for s in range(S)]
-
-  def store(buf, slot, msg):
-    row = jnp.maximum(slot, 0)
-    return buf.at[row].set(jnp.where(slot >= 0, msg, buf[row]))
+  stage = split_vjp(run_stage, p0, x0, batch0, v0)
+  sums = _sums_of(jax.eval_shape(run_stage, p0, x0, batch0, v0)[1],
+                  jax.eval_shape(losses, shared, x0, batch0)[1][1], vary)
+  branches = _branches(stage, embed_fn, losses, sums, vary, zeros(h), zeros(stage.residuals), zeros(p0),
+                       zeros(shared))
+  fwd_perm, bwd_perm = [(s, (s + 1) % S) for s in range(S)], [(s, (s - 1) % S) for s in range(S)]
 
   def tick(carry, row):
-    acts, cots, fwd_in, bwd_in, g_p, g_s, loss, tokens, extra = carry
-    acts, cots = store(acts, row[_RECV], fwd_in), store(cots, row[_GRECV], bwd_in)
+    (acts, cots, res), fwd_in, bwd_in, (g_p, g_s, loss, tokens, extra) = carry
+    acts, cots = _store(acts, row[_RECV], fwd_in), _store(cots, row[_GRECV], bwd_in)
     c = row[_CHUNK]
     p = jax.tree.map(lambda w: w[c], params)
     batch = jax.tree.map(lambda b: b[row[_MICRO]], batches)
-    v = c * S + lax.axis_index(axis)  # the virtual stage
-    y, dx, dp, dsh, l, n, e = lax.switch(row[_CODE], branches, p, shared, batch, acts[row[_SLOT]], cots[row[_GSLOT]],
-                                         v)
+    v = vary(c * S + lax.axis_index(axis))  # the virtual stage
+    y, dx, dy, new_res, dp, dsh, l, n, e = lax.switch(
+        row[_CODE], branches, p, shared, batch, acts[row[_SLOT]], cots[row[_GSLOT]], [r[row[_RSLOT]] for r in res], v)
+    cots = _store(cots, row[_GWRITE], dy)
+    res = [_store(r, row[_RWRITE], x) for r, x in zip(res, new_res)]
     g_p = jax.tree.map(lambda acc, d: acc.at[c].add(d.astype(acc.dtype)), g_p, dp)
     g_s = jax.tree.map(lambda acc, d: acc + d.astype(acc.dtype), g_s, dsh)
-    fwd_in, bwd_in = lax.ppermute(y, axis, fwd_perm), lax.ppermute(dx, axis, bwd_perm)
-    extra = jax.tree.map(jnp.add, extra, e)
-    return (acts, cots, fwd_in, bwd_in, g_p, g_s, loss + l, tokens + n, extra), None
+    acc = (g_p, g_s, loss + l, tokens + n, jax.tree.map(jnp.add, extra, e))
+    return ((acts, cots, res), lax.ppermute(y, axis, fwd_perm), lax.ppermute(dx, axis, bwd_perm), acc), None
 
-  f32 = lambda w: zeros(w.shape, jnp.float32)  # noqa: E731
-  init = (zeros((schedule.act_slots, *h.shape), h.dtype), zeros((schedule.grad_slots, *h.shape), h.dtype),
-          zero_h, zero_h, jax.tree.map(f32, params), jax.tree.map(f32, shared), zero_f, zero_f, zero_e)
-  (_, _, _, _, g_p, g_s, loss, tokens, extra), _ = lax.scan(tick, init, rows[0])
+  f32 = lambda tree: zeros(jax.tree.map(lambda w: jax.ShapeDtypeStruct(w.shape, jnp.float32), tree))  # noqa: E731
+  bufs = (zeros(_rows(schedule.act_slots, h)), zeros(_rows(schedule.grad_slots, h)),
+          [zeros(_rows(schedule.res_slots, r)) for r in stage.residuals])
+  acc = (f32(params), f32(shared), f32(jax.ShapeDtypeStruct((), jnp.float32)),
+         f32(jax.ShapeDtypeStruct((), jnp.float32)), sums())
+  (_, _, _, (g_p, g_s, loss, tokens, extra)), _ = lax.scan(tick, (bufs, zeros(h), zeros(h), acc), rows[0])
   g_p = jax.tree.map(lambda g: g[:, None], lax.psum(g_p, batch_axes) if batch_axes else g_p)
   return lax.psum(loss, manual), lax.psum(tokens, manual), lax.psum(extra, manual), g_p, lax.psum(g_s, manual)
+
+
+def _rows(n: int, aval) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct((n, *aval.shape), aval.dtype)
+
+
+def _store(buf, slot, msg):
+  """buf with row `slot` set to msg; unchanged for slot -1."""
+  row = jnp.maximum(slot, 0)
+  return buf.at[row].set(jnp.where(slot >= 0, msg, buf[row]))
+
+
+def _sums_of(stage_e, loss_e, vary) -> Callable:
+  """`sums(*dicts)`: the other sums as one float32, varying dict with every key of the stage's and the loss's."""
+  keys = {**stage_e, **loss_e}
+
+  def sums(*parts):
+    out = {k: jnp.zeros(e.shape, jnp.float32) for k, e in keys.items()}
+    for part in parts:
+      for k, e in part.items():
+        out[k] = out[k] + e.astype(jnp.float32)
+    return vary(out)
+  return sums
+
+
+def _branches(stage: SplitVJP, embed_fn, losses, sums, vary, zero_h, zero_r, zero_p, zero_s) -> list[Callable]:
+  """The switch branches (idle, forward x (first, last), backward x first), all returning (output to the next
+  device, cotangent to the previous one, the loss's cotangent kept here, residuals to keep, stage gradients,
+  shared gradients, loss sum, tokens, other sums)."""
+  zero_f = vary(jnp.zeros((), jnp.float32))
+
+  def forward(first, last, p, sh, batch, x, g, r, v):
+    del g, r
+    (y, l), e, res = stage.forward(p, embed_fn(sh, batch) if first else x, batch, v)
+    res = vary(res)
+    if not last:
+      return vary(y), zero_h, zero_h, res, zero_p, zero_s, l, zero_f, sums(e)
+    total, head_vjp, (n, e_last) = jax.vjp(lambda sh, y: losses(sh, y, batch), sh, y, has_aux=True)
+    dsh, dy = head_vjp(jnp.ones_like(total))  # final norm, head and loss: forward and backward back to back
+    return (zero_h, zero_h, vary(dy.astype(zero_h.dtype)), res, zero_p, vary(dsh), vary(total + l),
+            vary(jnp.asarray(n, jnp.float32)), sums(e, e_last))
+
+  def backward(first, p, sh, batch, x, g, r, v):
+    del x
+    dp, dx, _, _ = stage.backward(r, (g, vary(jnp.ones((), jnp.float32))), p, None, batch, v)
+    if not first:
+      return zero_h, vary(dx.astype(zero_h.dtype)), zero_h, zero_r, vary(dp), zero_s, zero_f, zero_f, sums()
+    dsh, = jax.vjp(lambda sh: embed_fn(sh, batch), sh)[1](dx)  # the lookup redone: its gradient is a scatter-add
+    return zero_h, zero_h, zero_h, zero_r, vary(dp), vary(dsh), zero_f, zero_f, sums()
+
+  def idle(p, sh, batch, x, g, r, v):
+    del p, sh, batch, x, g, r, v
+    return zero_h, zero_h, zero_h, zero_r, zero_p, zero_s, zero_f, zero_f, sums()
+
+  return ([idle] + [functools.partial(forward, first, last) for first in (False, True) for last in (False, True)]
+          + [functools.partial(backward, first) for first in (False, True)])

@@ -6,7 +6,7 @@
 A tick is one forward or one backward of one model chunk on one device. Virtual stage v = c * S + s is chunk c
 of device s (Megatron's interleaved layout); forwards go v -> v + 1 and backwards v + 1 -> v, so a message
 always goes to the next (previous) device on the ring. Each device runs its own order of micro-steps:
-  gpipe        all M forwards, then all M backwards (M stage inputs kept per device).
+  gpipe        all M forwards, then all M backwards (M micro-batches' residuals kept per device).
   1f1b         S - s - 1 warm-up forwards, then one forward / one backward alternately (PipeDream-Flush,
                Narayanan et al. 2021), so at most S micro-batches are in flight per device.
   interleaved  V chunks per device; forwards in groups of S micro-batches, chunk by chunk, warm-up of
@@ -14,9 +14,14 @@ always goes to the next (previous) device on the ring. Each device runs its own 
 The ticks are then placed as soon as possible: a forward needs its input from the previous virtual stage in an
 earlier tick, a backward its cotangent from the next one (the last stage's backward its own forward).
 
-Stage inputs that arrive before they are used, and cotangents, wait in buffers: `slot` / `grad_slot` name
-the buffer row an op reads, `recv_slot` / `recv_grad_slot` the row a message arriving at that tick is written
-to (-1: none). Slots are reused once their op has run, so the slot counts are the buffers' sizes.
+Three kinds of values wait in per-device buffers; the schedule names their rows (reused once read for the last
+time, so the slot counts are the buffers' sizes):
+  slot / recv_slot            a stage input, from its arrival (`recv_slot`: the row a message arriving at that tick
+                              is written to, -1: none) to its forward (`slot`: the row it reads).
+  grad_slot / recv_grad_slot  a cotangent, from its arrival to its backward (`grad_slot`); the last virtual stage's
+                              forward writes the loss's cotangent of its output to its own `grad_slot`.
+  res_slot                    the stage's residuals (what its backward needs under the remat policy): written by a
+                              forward, read by the backward of the same micro-batch and chunk.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import numpy as np
 
 KINDS = ("gpipe", "1f1b", "interleaved")
 IDLE, FORWARD, BACKWARD = 0, 1, 2
-FIELDS = ("action", "micro", "chunk", "slot", "grad_slot", "recv_slot", "recv_grad_slot")
+FIELDS = ("action", "micro", "chunk", "slot", "grad_slot", "recv_slot", "recv_grad_slot", "res_slot")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +44,7 @@ class Schedule:
   table: np.ndarray
   act_slots: int
   grad_slots: int
+  res_slots: int
 
   def field(self, name: str) -> np.ndarray:
     """One field of the table, [T, S]."""
@@ -79,13 +85,20 @@ def make_schedule(kind: str, stages: int, micro_batches: int, virtual: int = 1) 
     for s, op in enumerate(row):
       if op is not None:
         table[t, s, :3] = op
-  # Stage inputs of virtual stages > 0 live from their arrival to their backward; cotangents likewise.
+  col = FIELDS.index
   L = S * V
-  act = [(v, done_f[m, v - 1] + 1, (done_f[m, v], done_b[m, v])) for m in range(M) for v in range(1, L)]
-  grad = [(v, done_b[m, v + 1] + 1, (done_b[m, v],)) for m in range(M) for v in range(L - 1)]
-  act_slots = _assign_slots(table, act, S, field=3, recv=5)
-  grad_slots = _assign_slots(table, grad, S, field=4, recv=6)
-  sched = Schedule(kind, S, M, V, table, max(act_slots, 1), max(grad_slots, 1))
+  # (device, first tick it is live, (tick, column) of its write, ticks that read it): stage inputs of virtual stages
+  # > 0 from their arrival to their forward, cotangents from their arrival (or the loss's, from the last forward)
+  # to their backward, residuals from their forward to their backward.
+  act = [(v % S, done_f[m, v - 1] + 1, (done_f[m, v - 1] + 1, col("recv_slot")), (done_f[m, v],))
+         for m in range(M) for v in range(1, L)]
+  grad = [(v % S, done_b[m, v + 1] + 1, (done_b[m, v + 1] + 1, col("recv_grad_slot")), (done_b[m, v],))
+          for m in range(M) for v in range(L - 1)]
+  grad += [(S - 1, done_f[m, L - 1] + 1, (done_f[m, L - 1], col("grad_slot")), (done_b[m, L - 1],)) for m in range(M)]
+  res = [(v % S, done_f[m, v], (done_f[m, v], col("res_slot")), (done_b[m, v],)) for m in range(M) for v in range(L)]
+  slots = [max(_assign_slots(table, values, S, col(name)), 1)
+           for values, name in ((act, "slot"), (grad, "grad_slot"), (res, "res_slot"))]
+  sched = Schedule(kind, S, M, V, table, *slots)
   validate(sched)
   return sched
 
@@ -164,20 +177,21 @@ def _place(orders, S: int, M: int, V: int):
   return done_f, done_b, rows
 
 
-def _assign_slots(table: np.ndarray, values, S: int, field: int, recv: int) -> int:
-  """Gives every buffered value (virtual stage, arrival tick, ticks that read it) the lowest free row on its
-  device; a row is free again after its last read. Returns the most rows any device needs."""
+def _assign_slots(table: np.ndarray, values, S: int, read: int) -> int:
+  """Gives every buffered value (device, first live tick, its write, the ticks that read it) the lowest row of its
+  device that is free (last read before the value is live) and writes the row into the table; returns the most
+  rows any device needs."""
   most = 0
   for s in range(S):
     free_after: list[int] = []  # per row, the tick of its last read
-    for _, arrive, uses in sorted((x for x in values if x[0] % S == s), key=lambda x: x[1]):
-      slot = next((i for i, f in enumerate(free_after) if f < arrive), len(free_after))
+    for _, live, (t_write, write), uses in sorted((x for x in values if x[0] == s), key=lambda x: x[1]):
+      slot = next((i for i, f in enumerate(free_after) if f < live), len(free_after))
       if slot == len(free_after):
         free_after.append(0)
       free_after[slot] = max(uses)
-      table[arrive, s, recv] = slot
+      table[t_write, s, write] = slot
       for t in uses:
-        table[t, s, field] = slot
+        table[t, s, read] = slot
     most = max(most, len(free_after))
   return most
 
@@ -201,24 +215,51 @@ def validate(sched: Schedule) -> None:
     assert tick_b[m, v] > t, f"backward {(m, v)} before its forward"
   for (m, v), t in tick_b.items():
     assert v == L - 1 or tick_b[m, v + 1] < t, f"backward {(m, v)} at tick {t} before its cotangent arrives"
-  for name, slots, kind in (("slot", sched.act_slots, FORWARD), ("grad_slot", sched.grad_slots, BACKWARD)):
-    recv = sched.field("recv_" + name)
-    assert recv.max() < slots and sched.field(name).max() < slots, f"{name} outside the buffer"
-    for s in range(S):  # replay the buffer: every read finds the value that was written for it.
-      held = {}
-      for t in range(sched.ticks):
-        if recv[t, s] >= 0:
-          src = t - 1, (s - 1) % S if kind == FORWARD else (s + 1) % S
-          assert act[src] == kind, f"{name}: nothing sent to device {s} at tick {t}"
-          held[int(recv[t, s])] = (int(mic[src]), int(chk[src]) * S + src[1])
-        slot = int(sched.field(name)[t, s])
-        if act[t, s] != IDLE and slot >= 0:
-          v = int(chk[t, s]) * S + s
-          want = (int(mic[t, s]), v - 1 if kind == FORWARD else v + 1)
-          got = held.pop(slot, None) if act[t, s] == BACKWARD else held.get(slot)
-          assert got == want, f"{name} at tick {t} device {s} holds {got}, not {want}"
+  for s in range(S):
+    _replay_buffers(sched, s)
   if sched.kind == "1f1b":
     assert max_in_flight(sched) <= S, "1F1B keeps at most S micro-batches in flight"
+
+
+def _replay_buffers(sched: Schedule, s: int) -> None:
+  """Replays device s's three buffers tick by tick (messages written at the tick's start, the op's reads, then its
+  writes): every read finds the value written for it, every write a free row, and nothing is left at the end."""
+  S, L = sched.stages, sched.stages * sched.virtual
+  act, mic, chk = sched.field("action"), sched.field("micro"), sched.field("chunk")
+  size = {"slot": sched.act_slots, "grad_slot": sched.grad_slots, "res_slot": sched.res_slots}
+  held: dict[str, dict[int, tuple[int, int]]] = {name: {} for name in size}
+
+  def put(name, t, value):
+    row = int(sched.field(name)[t, s])
+    assert 0 <= row < size[name], f"{name} row {row} outside the buffer (device {s}, tick {t})"
+    assert row not in held[name], f"{name} row {row} of device {s} overwritten at tick {t}"
+    held[name][row] = value
+
+  def take(name, t, want):
+    row = int(sched.field(name)[t, s])
+    got = held[name].pop(row, None)
+    assert got == want, f"{name} at tick {t} device {s} holds {got}, not {want}"
+
+  for t in range(sched.ticks):
+    for name, kind, src in (("slot", FORWARD, (s - 1) % S), ("grad_slot", BACKWARD, (s + 1) % S)):
+      row = int(sched.field("recv_" + name)[t, s])
+      if row >= 0:
+        assert t > 0 and act[t - 1, src] == kind, f"{name}: nothing sent to device {s} at tick {t}"
+        assert 0 <= row < size[name] and row not in held[name], f"recv_{name} row {row} of device {s} at tick {t}"
+        held[name][row] = (int(mic[t - 1, src]), int(chk[t - 1, src]) * S + src)
+    if act[t, s] == IDLE:
+      continue
+    m, v = int(mic[t, s]), int(chk[t, s]) * S + s
+    if act[t, s] == FORWARD:
+      if v > 0:
+        take("slot", t, (m, v - 1))
+      put("res_slot", t, (m, v))
+      if v == L - 1:
+        put("grad_slot", t, (m, L))  # the loss's cotangent of the last stage's output
+    else:
+      take("grad_slot", t, (m, v + 1))
+      take("res_slot", t, (m, v))
+  assert not any(held.values()), f"device {s} ends with values never read: {held}"
 
 
 def max_in_flight(sched: Schedule) -> int:
