@@ -151,6 +151,19 @@ def test_loss_adds_the_moe_and_mtp_terms():
   np.testing.assert_allclose(float(m["mtp_loss"]), num / den, rtol=1e-4)
 
 
+def test_mtp_loss_trains_the_mtp_block_with_the_fused_head():
+  """The fused head + loss (the default) differentiates the MTP loss like the materialised logits do: the MTP
+  block gets gradients, and every gradient equals loss_chunk=0's."""
+  cfg = TINY.replace(mtp_depth=1)
+  params = jax.jit(models.init, static_argnums=0)(cfg, jax.random.key(1))
+  grads = jax.jit(lambda p, b, chunk: loss_and_grads(cfg, p, b, z_loss=1e-4, micro_batches=1, loss_chunk=chunk,
+                                                     mtp_loss_coef=0.3)[1], static_argnums=2)
+  fused, full = grads(params, _batch(cfg), 16), grads(params, _batch(cfg), 0)
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(fused["mtp"]["proj"]))
+  for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(full)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6 * float(jnp.abs(want).max()))
+
+
 def test_active_parameter_flops_match_the_published_counts():
   ds = models.preset("deepseek-v3")
   embed = ds.vocab_size * ds.d_model

@@ -117,14 +117,17 @@ def ffn(cfg: ModelConfig, p: dict, h_BTD, token_weights_BT=None, with_stats: boo
 
 # ------------------------------------------------------------------------------------------ balancing
 def _stats(cfg: ModelConfig, ids_BTK, logits_BTE, probs_BTE, w_BT):
+  """Means over the batch, each a ratio of sums; the sums are over all devices that split the batch
+  (`strategy.token_sum`), so a batch split over the devices of a pipeline stage gives the one-device values."""
   e, k = cfg.moe.n_experts, cfg.moe.n_experts_per_tok
+  total = strategy.token_sum
   counts = jnp.sum(jax.nn.one_hot(ids_BTK, e, dtype=jnp.float32), axis=2) * w_BT[..., None]  # [B, T, E]
-  n_tokens = jnp.maximum(jnp.sum(w_BT), 1.0)
-  load = jnp.sum(counts, axis=(0, 1)) / (k * n_tokens)  # fraction of the assignments per expert; sums to 1.
-  z_loss = jnp.sum(jax.nn.logsumexp(logits_BTE, axis=-1) ** 2 * w_BT) / n_tokens  # ST-MoE eq. 5.
+  n_tokens = jnp.maximum(total(jnp.sum(w_BT)), 1.0)
+  load = total(jnp.sum(counts, axis=(0, 1))) / (k * n_tokens)  # fraction of the assignments per expert; sums to 1.
+  z_loss = total(jnp.sum(jax.nn.logsumexp(logits_BTE, axis=-1) ** 2 * w_BT)) / n_tokens  # ST-MoE eq. 5.
   if cfg.moe.router == "softmax":
     # Switch Transformer eq. 4 with top-k: E * sum_e f_e P_e (1 when perfectly balanced).
-    mean_probs = jnp.sum(probs_BTE * w_BT[..., None], axis=(0, 1)) / n_tokens
+    mean_probs = total(jnp.sum(probs_BTE * w_BT[..., None], axis=(0, 1))) / n_tokens
     balance = e * jnp.sum(load * mean_probs)
   else:
     # DeepSeek-V3 eq. 17-20, per sequence (batch row): f_i = E / (k T) * count_i, P_i = mean_t s'_i with s'
@@ -134,7 +137,7 @@ def _stats(cfg: ModelConfig, ids_BTK, logits_BTE, probs_BTE, w_BT):
     s_norm = probs_BTE / jnp.sum(probs_BTE, axis=-1, keepdims=True)
     p_mean = jnp.sum(s_norm * w_BT[..., None], axis=1) / jnp.maximum(row_tokens, 1.0)[:, None]
     rows = (row_tokens > 0).astype(jnp.float32)
-    balance = jnp.sum(jnp.sum(f * p_mean, axis=-1) * rows) / jnp.maximum(jnp.sum(rows), 1.0)
+    balance = total(jnp.sum(jnp.sum(f * p_mean, axis=-1) * rows)) / jnp.maximum(total(jnp.sum(rows)), 1.0)
   return {"balance_loss": balance, "z_loss": z_loss, "expert_load": load}
 
 

@@ -8,6 +8,9 @@ through `jpllm_jax.parallel.axis_rules`) enters a `Strategy` with `use`, and the
               None: `moe_ffn` itself, on one device (or as XLA partitions it).
   matmul      the FP8 policy of the dense projections (`jpllm_jax.models.fp8.Policy`, from the config's
               `numerics.matmul` by `fp8.policy`); None: einsums in the compute dtype.
+  token_sum   x -> x summed over the devices that split the batch's tokens, for the MoE statistics (means over
+              the batch, formed from summed parts): inside a shard_map manual over the batch axes (a pipeline
+              stage), the psum over them; None: identity (one device, or XLA partitions the batch).
   probe       (name, x, axes) -> x, called by the model at every sub-layer boundary (`probe` below) with the
               activation and its logical axes; None: identity. `jpllm_jax.train.nonfinite` checks finiteness
               there (forward and backward) to locate the first non-finite value of a step.
@@ -28,6 +31,7 @@ class Strategy:
   expert_ffn: Callable | None = None
   matmul: Any = None  # fp8.Policy | None (fp8 imports this module)
   probe: Callable | None = None
+  token_sum: Callable | None = None
 
 
 _CURRENT: contextvars.ContextVar[Strategy] = contextvars.ContextVar("jpllm_strategy", default=Strategy())
@@ -58,3 +62,9 @@ def probe(name: str, x, axes: tuple[str | None, ...] | None = None):
   """`x` unchanged; in a checking run, also seen by the injected probe as sub-layer `name` (logical `axes`)."""
   fn = _CURRENT.get().probe
   return x if fn is None else fn(name, x, axes)
+
+
+def token_sum(x):
+  """`x` summed over the devices that split the tokens (the injected `token_sum`; identity without one)."""
+  fn = _CURRENT.get().token_sum
+  return x if fn is None else fn(x)

@@ -114,6 +114,25 @@ def moe_ffn_expert_parallel(x: jax.Array, expert_ids: jax.Array, gates: jax.Arra
   return fn(x, expert_ids, gates, w_gate, w_up, w_down)
 
 
+def moe_ffn_expert_local(x: jax.Array, expert_ids: jax.Array, gates: jax.Array, w_gate: jax.Array,
+                         w_up: jax.Array, w_down: jax.Array, *, expert_axis: str = "expert",
+                         capacity_factor: float | None = None, impl: str = "auto",
+                         activation: str = "silu") -> tuple[jax.Array, dict]:
+  """`moe_ffn_expert_parallel`'s per-device body, for a caller already inside a `shard_map` manual over
+  `expert_axis` (a pipeline stage): x [n, D], ids and gates [n, k] are this device's tokens, w_* its E / n_ep
+  local experts ([E / n_ep, D, F] / [E / n_ep, F, D]); a shard_map nested in the caller's would fail Shardy's
+  verifier. The axes the caller leaves automatic (tensor) are partitioned by XLA. Returns y [n, D] and this
+  device's stats, not summed over devices: "load" int32 [E] of its tokens, "dropped" int32 []."""
+  if impl not in ops.IMPLS:
+    raise ValueError(f"impl must be one of {ops.IMPLS}, got {impl!r}")
+  n_ep = jax.lax.axis_size(expert_axis)
+  y, dropped, load = _dispatch_compute_combine(x, expert_ids, gates, w_gate, w_up, w_down,
+                                               num_experts=w_gate.shape[0] * n_ep, expert_axis=expert_axis,
+                                               n_ep=n_ep, capacity_factor=capacity_factor, impl=impl,
+                                               activation=activation)
+  return probe("moe.experts", y), {"load": load, "dropped": dropped}
+
+
 def _dispatch_compute_combine(x, ids, gates, wg, wu, wd, *, num_experts: int, expert_axis: str, n_ep: int,
                               capacity_factor: float | None, impl: str, activation: str):
   """One device's part: (y partial over the tensor axis [n, D], dropped int32 [], load int32 [E])."""

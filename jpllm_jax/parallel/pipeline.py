@@ -26,8 +26,10 @@ lookup for its gradient.
 
 Gradients of the shared parameters (embedding, head; tied or not) are summed over the stages with one psum;
 the loss and the gradients are divided by the total token count at the end, so they equal `jax.value_and_grad`
-of sum(loss sums) / sum(token counts). `stage_axis` and `batch_axes` are manual; the other mesh axes (tensor,
-expert) stay automatic, so the stage functions may carry their own sharding constraints for them.
+of sum(loss sums) / sum(token counts). `stage_axis` and `batch_axes` are manual (`expert` among them for expert
+parallelism inside the stages: leaves sharded over it by `stage_specs` / `shared_specs`); the other mesh axes
+(tensor) stay automatic, so the stage functions may carry their own sharding constraints for them. A stage
+function may use collectives over the batch axes: the devices of one stage take the same branch at every tick.
 """
 from __future__ import annotations
 
@@ -123,8 +125,8 @@ def _pruned(closed, used: list[bool]) -> Callable:
 
 def pipeline_value_and_grad(stage_fn: Callable, embed_fn: Callable, loss_fn: Callable, stage_params: Any,
                             shared_params: Any, microbatches: Any, *, mesh: Mesh, schedule: Schedule,
-                            stage_axis: str = "stage", batch_axes: tuple[str, ...] = ()
-                            ) -> tuple[jax.Array, dict, tuple[Any, Any]]:
+                            stage_axis: str = "stage", batch_axes: tuple[str, ...] = (), stage_specs: Any = None,
+                            shared_specs: Any = None) -> tuple[jax.Array, dict, tuple[Any, Any]]:
   """Loss, aux and gradients (stage_params', shared_params') of the pipelined model over all micro-batches.
 
   Args:
@@ -136,6 +138,10 @@ def pipeline_value_and_grad(stage_fn: Callable, embed_fn: Callable, loss_fn: Cal
     batch_axes: mesh axes that split every micro-batch's rows (axis 1 of the microbatches' leaves) and are manual
       too: each data-parallel group runs its own pipeline on its rows with the parameters gathered over these axes
       (FSDP with a pipeline is ZeRO-1/2, as in DeepSpeed), its gradients summed over them at the end.
+    stage_specs, shared_specs: None, or pytree prefixes of stage_params / shared_params of PartitionSpecs of the
+      leaves' dimensions (stage_params: after the layer axis) over batch axes that shard them inside the stages
+      too, e.g. the experts' E over `expert` (expert parallelism: the stage functions exchange tokens with
+      all_to_all over it). Such a leaf's gradients are not summed over its axes.
   Returns:
     loss = sum of loss sums / sum of token counts, aux {"loss_sum", "tokens", **loss_fn's other sums (summed,
     not divided)}, grads (stage, shared).
@@ -153,15 +159,39 @@ def pipeline_value_and_grad(stage_fn: Callable, embed_fn: Callable, loss_fn: Cal
   chunked = jax.tree.map(lambda w: w.reshape(V, S, w.shape[0] // (S * V), *w.shape[1:]), stage_params)
   rows = jnp.asarray(device_rows(schedule))
   batch_axes = tuple(a for a in batch_axes if mesh.shape[a] > 1)
+  stage_specs = _leaf_specs(stage_specs, stage_params, lambda spec: P(None, stage_axis, None, *spec))
+  shared_specs = _leaf_specs(shared_specs, shared_params, lambda spec: spec)
+  sharded_axes = lambda specs: jax.tree.map(_spec_axes, specs, is_leaf=lambda x: isinstance(x, P))  # noqa: E731
   body = functools.partial(_device_program, stage_fn, embed_fn, loss_fn, schedule=schedule, axis=stage_axis,
-                           batch_axes=batch_axes)
+                           batch_axes=batch_axes, stage_sharded=sharded_axes(stage_specs),
+                           shared_sharded=sharded_axes(shared_specs))
   run = jax.shard_map(body, mesh=mesh, axis_names={stage_axis, *batch_axes},
-                      in_specs=(P(None, stage_axis), P(), P(None, batch_axes or None), P(stage_axis)),
-                      out_specs=(P(), P(), P(), P(None, stage_axis), P()))
+                      in_specs=(stage_specs, shared_specs, P(None, batch_axes or None), P(stage_axis)),
+                      out_specs=(P(), P(), P(), stage_specs, shared_specs))
   loss_sum, tokens, extra, g_stage, g_shared = run(chunked, shared_params, microbatches, rows)
   g_stage = jax.tree.map(lambda g, w: (g / tokens).reshape(w.shape).astype(w.dtype), g_stage, stage_params)
   g_shared = jax.tree.map(lambda g, w: (g / tokens).astype(w.dtype), g_shared, shared_params)
   return loss_sum / tokens, {**extra, "loss_sum": loss_sum, "tokens": tokens}, (g_stage, g_shared)
+
+
+def _leaf_specs(specs, params, full: Callable):
+  """One PartitionSpec per leaf of `params`: `full` of the leaf's spec in the prefix tree `specs` (P() if None)."""
+  specs = jax.tree.map(lambda _: P(), params) if specs is None else specs
+  return jax.tree.map(lambda spec, sub: jax.tree.map(lambda _: full(spec), sub), specs, params,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def _spec_axes(spec: P) -> tuple[str, ...]:
+  """The mesh axes named in `spec`."""
+  return tuple(a for part in spec if part is not None for a in ((part,) if isinstance(part, str) else part))
+
+
+def _psum_except(tree, axes: tuple[str, ...], sharded):
+  """Each leaf summed over `axes` except those it is sharded on (`sharded`: a tuple of axes per leaf)."""
+  def one(x, own):
+    rest = tuple(a for a in axes if a not in own)
+    return lax.psum(x, rest) if rest else x
+  return jax.tree.map(one, tree, sharded)
 
 
 def _vary(tree, axes: tuple[str, ...]):
@@ -173,7 +203,7 @@ def _vary(tree, axes: tuple[str, ...]):
 
 
 def _device_program(stage_fn, embed_fn, loss_fn, params, shared, batches, rows, *, schedule: Schedule, axis: str,
-                    batch_axes: tuple[str, ...]):
+                    batch_axes: tuple[str, ...], stage_sharded, shared_sharded):
   """One device's scan over its schedule row; returns its loss sum, token count and gradient sums."""
   S, manual = schedule.stages, (axis, *batch_axes)
   vary = functools.partial(_vary, axes=manual)
@@ -223,8 +253,9 @@ def _device_program(stage_fn, embed_fn, loss_fn, params, shared, batches, rows, 
   acc = (f32(params), f32(shared), f32(jax.ShapeDtypeStruct((), jnp.float32)),
          f32(jax.ShapeDtypeStruct((), jnp.float32)), sums())
   (_, _, _, (g_p, g_s, loss, tokens, extra)), _ = lax.scan(tick, (bufs, zeros(h), zeros(h), acc), rows[0])
-  g_p = jax.tree.map(lambda g: g[:, None], lax.psum(g_p, batch_axes) if batch_axes else g_p)
-  return lax.psum(loss, manual), lax.psum(tokens, manual), lax.psum(extra, manual), g_p, lax.psum(g_s, manual)
+  g_p = jax.tree.map(lambda g: g[:, None], _psum_except(g_p, batch_axes, stage_sharded))
+  g_s = _psum_except(g_s, manual, shared_sharded)
+  return lax.psum(loss, manual), lax.psum(tokens, manual), lax.psum(extra, manual), g_p, g_s
 
 
 def _rows(n: int, aval) -> jax.ShapeDtypeStruct:

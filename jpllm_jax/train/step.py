@@ -21,6 +21,7 @@ from jpllm_jax.models import strategy as model_strategy
 from jpllm_jax.models.config import ModelConfig
 from jpllm_jax.moe.ops import moe_ffn
 from jpllm_jax.parallel import DEFAULT_RULES, axis_rules, logical_to_spec, shardings
+from jpllm_jax.parallel.expert import moe_ffn_expert_local
 from jpllm_jax.parallel.logical import Rules, current_rules, logical_constraint
 from jpllm_jax.parallel.pipeline import pipeline_value_and_grad
 from jpllm_jax.parallel.pipeline_schedule import Schedule, make_schedule
@@ -112,7 +113,8 @@ def _model_loss_sums(cfg: ModelConfig, params, batch, z_loss: float, loss_chunk:
                                                                        chunk_tokens=loss_chunk)
     total, m = ce_fn(x, batch["targets"], batch["weights"], z_loss)
     if "mtp_hidden" in aux:
-      mtp = [ce_fn(h, *_mtp_targets(batch, k), 0.0)[1]["ce"] for k, h in enumerate(aux["mtp_hidden"])]
+      # the total (= the mean cross-entropy at z_loss 0), not the metric `ce`, which carries no gradient
+      mtp = [ce_fn(h, *_mtp_targets(batch, k), 0.0)[0] for k, h in enumerate(aux["mtp_hidden"])]
   else:
     out = models.forward(cfg, params, batch["inputs"], return_aux=with_aux, **kwargs)
     logits, aux = out if with_aux else (out, {})
@@ -163,9 +165,6 @@ def pipeline_schedule(cfg: ModelConfig, mesh: Mesh, step_cfg: StepConfig) -> Sch
   S, V = mesh.shape.get("stage", 1), step_cfg.virtual_stages
   if S == 1:
     return None
-  if cfg.moe.n_experts or cfg.mtp.depth:  # stage_layout places them, but the run deadlocks on XLA:CPU so far.
-    raise ValueError("pipeline parallelism (mesh.stage > 1) runs dense models without MTP so far; set "
-                     "mesh.stage=1 for MoE or MTP models")
   if cfg.numerics.matmul != "default":  # the pipeline's stages do not inject the matmul policy yet.
     raise ValueError(f"pipeline parallelism (mesh.stage > 1) runs model.matmul=default only so far, not "
                      f"{cfg.numerics.matmul!r}; set mesh.stage=1 for FP8 training")
@@ -209,19 +208,37 @@ def stage_layout(cfg: ModelConfig, stages: int, virtual: int = 1) -> list[tuple[
 
 
 def _pipeline_batch_axes(mesh: Mesh) -> tuple[str, ...]:
-  """The batch's mesh axes that the pipeline makes manual (one pipeline per data-parallel group); `expert` stays
-  automatic for the expert-parallel path inside the stages. Under the active rules, else DEFAULT_RULES."""
+  """The batch's mesh axes that the pipeline makes manual: one pipeline per data-parallel group, and `expert`
+  (which splits the batch like `data` outside the MoE layers) for the expert-parallel path inside the stages.
+  Under the active rules, else DEFAULT_RULES."""
   state = current_rules()
   axes = logical_to_spec(("batch",), state[1] if state else DEFAULT_RULES)[0] or ()
-  return tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a != "expert" and mesh.shape[a] > 1)
+  axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if mesh.shape[a] > 1)
+  if mesh.shape.get("expert", 1) > 1 and "expert" not in axes:
+    raise ValueError("a pipeline with mesh.expert > 1 needs the `batch` rule to include `expert` (the expert "
+                     f"ranks hold different tokens); the batch maps to {axes}")
+  return axes
 
 
-def _stage_strategy():
-  """The model's parallel strategy inside the pipeline's shard_map: the default MoE path, its experts sharded
-  over `expert` by the automatic partitioner, with the ragged layout (the block layout's `jnp.searchsorted` fails
-  on stage-varying inputs in jax 0.10.2). The expert-parallel dispatch's own shard_map, nested in the pipeline's,
-  fails Shardy's verifier ("manual axis expert after free axis stage"), so it is not used inside stages yet."""
-  return model_strategy.use(model_strategy.Strategy(expert_ffn=functools.partial(moe_ffn, impl="ragged")))
+def _expert_specs(axes_tree, batch_axes: tuple[str, ...], layer_axis: bool):
+  """PartitionSpecs that shard the experts' E over the manual `expert` axis inside the pipeline (the other
+  dimensions whole; `layer_axis`: the leading layer axis left out), or None without expert parallelism."""
+  if "expert" not in batch_axes:
+    return None
+  spec = lambda axes: PartitionSpec(*("expert" if a == "expert" else None for a in axes[int(layer_axis):]))
+  return jax.tree.map(spec, axes_tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _stage_strategy(batch_axes: tuple[str, ...]):
+  """The model's parallel strategy inside the pipeline's shard_map (manual over stage and `batch_axes`): MoE
+  statistics summed over the devices that split the micro-batch; with `expert` among them the expert-parallel
+  path's per-device body (all_to_all over `expert` inside the stage's branch; a nested shard_map fails Shardy's
+  verifier), else `moe_ffn` on the device's tokens; both with the ragged layout (the block layout's
+  `jnp.searchsorted` fails on stage-varying inputs in jax 0.10.2)."""
+  total = functools.partial(jax.lax.psum, axis_name=batch_axes) if batch_axes else None
+  ffn = moe_ffn_expert_local if "expert" in batch_axes else moe_ffn
+  return model_strategy.use(model_strategy.Strategy(expert_ffn=functools.partial(ffn, impl="ragged"),
+                                                    token_sum=total))
 
 
 def _moe_sums(cfg: ModelConfig, stats, rows, on, n):
@@ -252,6 +269,13 @@ def pipeline_loss_and_grads(cfg: ModelConfig, params, batch, *, mesh: Mesh, sche
     plain[name] = active.all() and np.array_equal(index.reshape(-1), np.arange(index.size))
     stacks[name] = params[name] if plain[name] else jax.tree.map(lambda w: w[index.reshape(-1)], params[name])
   batch_axes = _pipeline_batch_axes(mesh)
+  split_ways = int(np.prod([mesh.shape[a] for a in batch_axes]))
+  if (rows := batch["inputs"].shape[0] // M) % split_ways:
+    raise ValueError(f"the pipeline's micro-batches of {rows} rows (batch / train.micro_batches) do not split over "
+                     f"the {split_ways} devices of mesh axes {batch_axes}; use a batch divisible by {M * split_ways}")
+  axes = models.param_axes(cfg)
+  specs = (_expert_specs({k: axes[k] for k in stacks}, batch_axes, True),
+           _expert_specs({k: axes[k] for k in shared}, batch_axes, False))
 
   def embed_fn(sh, b):
     return models.embed(cfg, sh, b["inputs"], b["positions"])
@@ -259,7 +283,7 @@ def pipeline_loss_and_grads(cfg: ModelConfig, params, batch, *, mesh: Mesh, sche
   def stage_fn(p, h, b, v):
     ctx = models.context(cfg, b["inputs"], b["positions"], b["segment_ids"])
     term, extra = jnp.zeros((), jnp.float32), {}
-    with _stage_strategy():
+    with _stage_strategy(batch_axes):
       for name, index, active in layout:
         on = jnp.asarray(active)[v]
         h, stats = models.run_stack(cfg, p[name], h, ctx, with_stats=name == "layers_moe",
@@ -278,12 +302,12 @@ def pipeline_loss_and_grads(cfg: ModelConfig, params, batch, *, mesh: Mesh, sche
     total, extra = ce + z_loss * zl, {"ce": ce, "z_loss": zl}
     if cfg.mtp.depth:
       ctx = models.context(cfg, b["inputs"], b["positions"], b["segment_ids"])
-      with _stage_strategy():
-        hid, stats = models.mtp_hidden(cfg, sh, b["inputs"], h, ctx)
       mtp = []
-      for k in range(cfg.mtp.depth):
-        ce_k, _, n_k = ce_sums(sh, hid[k], *_mtp_targets(b, k))
-        mtp.append(ce_k / jnp.maximum(n_k, 1.0))
+      with _stage_strategy(batch_axes):
+        hid, stats = models.mtp_hidden(cfg, sh, b["inputs"], h, ctx)
+        for k in range(cfg.mtp.depth):  # a mean over the whole micro-batch, whose rows the batch axes split
+          ce_k, _, n_k = ce_sums(sh, hid[k], *_mtp_targets(b, k))
+          mtp.append(model_strategy.token_sum(ce_k) / jnp.maximum(model_strategy.token_sum(n_k), 1.0))
       mtp_mean = jnp.mean(jnp.stack(mtp))
       total, extra["mtp_loss"] = total + mtp_loss_coef * mtp_mean * n, mtp_mean * n
       if stats is not None:
@@ -293,7 +317,8 @@ def pipeline_loss_and_grads(cfg: ModelConfig, params, batch, *, mesh: Mesh, sche
     return total, n, extra
 
   loss, aux, (g_stage, g_shared) = pipeline_value_and_grad(stage_fn, embed_fn, loss_fn, stacks, shared, split,
-                                                           mesh=mesh, schedule=schedule, batch_axes=batch_axes)
+                                                           mesh=mesh, schedule=schedule, batch_axes=batch_axes,
+                                                           stage_specs=specs[0], shared_specs=specs[1])
   grads = dict(g_shared)
   for name, index, active in layout:  # back to the stored stacks: padded rows dropped, gathered rows summed.
     if plain[name]:
