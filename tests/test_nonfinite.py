@@ -1,7 +1,9 @@
 """Locating the first non-finite value of a step (train/nonfinite.py): the seed's failure, a hand-written tanh
 that overflows for large inputs, in one layer is named by layer, sub-layer and pass; an infinite embedding row by
-the batch row that reads it; on data 2 x tensor 4 by the devices that hold it; and a training run stops with the
-report in the log and in <workdir>/nonfinite_step<N>.json."""
+the batch row that reads it; on data 2 x tensor 4 by the devices that hold it; in one expert of an
+expert-parallel MoE layer (inside its shard_map) by the expert rank's devices; the checking run computes the
+step's loss with its MoE and MTP terms; and a training run stops with the report in the log and in
+<workdir>/nonfinite_step<N>.json."""
 from __future__ import annotations
 
 import json
@@ -16,6 +18,7 @@ from jpllm_jax import models
 from jpllm_jax.models import layers, llama
 from jpllm_jax.parallel import DEFAULT_RULES, make_mesh
 from jpllm_jax.train import loop, nonfinite
+from jpllm_jax.train import step as step_lib
 
 from fake_devices import run_on_fake_devices
 from test_train_guard import _config as _guard_config, _poison_data
@@ -49,9 +52,9 @@ def overflowing(params, layer: int, scale: float = 1e4):
   return params
 
 
-def _locate(params, b, mesh=None):
+def _locate(params, b, mesh=None, cfg=CFG):
   mesh = mesh or make_mesh({"data": 1})
-  return nonfinite.locate(CFG, params, jax.tree.map(jnp.asarray, b), mesh=mesh, rules=DEFAULT_RULES, z_loss=1e-4)
+  return nonfinite.locate(cfg, params, jax.tree.map(jnp.asarray, b), mesh=mesh, rules=DEFAULT_RULES, z_loss=1e-4)
 
 
 def naive_sigmoid(x):
@@ -79,6 +82,26 @@ def test_an_infinite_embedding_row_is_named_with_the_batch_row_that_reads_it():
   site = _locate(params, b)
   assert (site["pass"], site["piece"], site["sublayer"], site["value"]) == ("forward", "embed", "embed", "inf"), site
   assert site["batch_index"] == 2, site
+
+
+# A MoE layer (Switch balance loss, router z-loss) and one MTP block (MoE too), as small as compiles fast.
+MOE_MTP = models.preset("mixtral-8x7b", vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=48,
+                        moe_d_ff=16, max_seq_len=16, mtp_depth=1, router_z_loss_coef=1e-3)
+
+
+def test_the_rerun_computes_the_step_s_loss_with_its_moe_and_mtp_terms():
+  params = jax.jit(models.init, static_argnums=0)(MOE_MTP, jax.random.key(1))
+  b = batch()
+  b["segment_ids"][3, 10:] = 0  # padding: the micro-batches' token counts differ (means are weighted).
+  b["weights"][3, 9:] = 0
+  b = jax.tree.map(jnp.asarray, b)
+  kwargs = dict(z_loss=1e-4, micro_batches=2, mtp_loss_coef=0.3)
+  want = jax.jit(lambda p, b: step_lib.loss_and_grads(MOE_MTP, p, b, **kwargs)[0])(params, b)
+  run = nonfinite.rerun(MOE_MTP, params, b, mesh=make_mesh({"data": 1}), rules=DEFAULT_RULES, **kwargs)
+  assert run.site is None and set(run.loss) == {"loss", "ce", "z_loss", "moe_loss", "mtp_loss"}, run
+  for k, v in run.loss.items():  # (the MoE terms are 0.5% of the loss, the MTP term a quarter)
+    np.testing.assert_allclose(v, float(want[k]), rtol=2e-6, err_msg=k)
+  assert run.loss["moe_loss"] > 1e-3 and run.loss["mtp_loss"] > 1
 
 
 # ------------------------------------------------------------------------------ in the training loop
@@ -140,3 +163,32 @@ print("OK")
 
 def test_on_data_2_x_tensor_4_the_site_names_the_tensor_rank_that_holds_it():
   run_on_fake_devices(SHARDED, timeout=300)
+
+
+EXPERT_PARALLEL = """
+import jax, jax.numpy as jnp, numpy as np
+import test_nonfinite as t
+from jpllm_jax import models
+from jpllm_jax.models import layers
+from jpllm_jax.parallel import make_mesh
+layers.activation = t.unstable_activation  # the routed experts' too (moe/ops.py calls layers.activation)
+cfg = t.MOE_MTP.replace(n_layers=2, mtp_depth=0, n_experts=4)
+mesh = make_mesh({"data": 2, "expert": 2, "tensor": 2})  # 2 experts an expert rank, half their width a tensor rank
+params = jax.jit(models.init, static_argnums=0)(cfg, jax.random.key(0))
+gate = params["layers_moe"]["experts"]["gate"]  # [L, E, D, F]
+params["layers_moe"]["experts"]["gate"] = gate.at[1, 3, :, :8].multiply(1e4)  # layer 1, expert 3, tensor rank 0's F
+site = t._locate(params, t.batch(), mesh, cfg)
+assert (site["pass"], site["layer"], site["stack"], site["sublayer"]) == \\
+    ("forward", 1, "layers_moe", "moe.experts"), site
+# The overflow is computed inside the expert-parallel shard_map, by expert rank 1 on its tensor rank 0 only.
+where = tuple({"expert": 1, "tensor": 0}.get(a, slice(None)) for a in mesh.axis_names)
+want = sorted(int(d.id) for d in np.ravel(mesh.devices[where]))
+assert site["devices"] == want and len(want) == 2, (site, want)
+print(t.nonfinite.describe(site))
+print("OK")
+"""
+
+
+def test_an_overflow_inside_the_expert_parallel_shard_map_is_named_by_layer_and_expert_rank():
+  out = run_on_fake_devices(EXPERT_PARALLEL, timeout=300)
+  assert "first nan in the forward pass at layer 1 (layers_moe), moe.experts, devices [" in out
