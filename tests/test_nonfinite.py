@@ -62,10 +62,15 @@ def naive_sigmoid(x):
   return 1 / (1 + jnp.exp(-x))
 
 
+def naive_silu(name, x):
+  """silu written with the naive sigmoid: every value finite, the gradient NaN where x is below -88."""
+  del name
+  return x * naive_sigmoid(x)
+
+
 @pytest.mark.slow
 def test_a_backward_only_overflow_is_named_by_layer_and_sublayer(monkeypatch):
-  # silu written with the naive sigmoid: every value finite, the gradient NaN where the gate is below -88.
-  monkeypatch.setattr(layers, "activation", lambda name, x: x * naive_sigmoid(x))
+  monkeypatch.setattr(layers, "activation", naive_silu)
   site = _locate(overflowing(models.init(CFG, jax.random.key(0)), 1), batch())
   assert (site["pass"], site["layer"], site["stack"]) == ("backward", 1, "layers"), site
   assert (site["sublayer"], site["gradient_at"], site["value"]) == ("mlp.activation", "mlp_norm", "nan"), site
@@ -165,30 +170,45 @@ def test_on_data_2_x_tensor_4_the_site_names_the_tensor_rank_that_holds_it():
   run_on_fake_devices(SHARDED, timeout=300)
 
 
-EXPERT_PARALLEL = """
+def expert_parallel_script(activation: str, columns: int, want: dict) -> str:
+  """A script for 8 fake devices: on data 2 x expert 2 x tensor 2, expert 3 of MoE layer 1 overflows with
+  `activation` (its gate's first `columns` of 16 scaled up; 8 are tensor rank 0's); the site must match `want`,
+  and name the devices at the mesh coordinates `want["where"]`."""
+  return f"""
 import jax, jax.numpy as jnp, numpy as np
 import test_nonfinite as t
 from jpllm_jax import models
 from jpllm_jax.models import layers
 from jpllm_jax.parallel import make_mesh
-layers.activation = t.unstable_activation  # the routed experts' too (moe/ops.py calls layers.activation)
+layers.activation = t.{activation}  # the routed experts' too (moe/ops.py calls layers.activation)
 cfg = t.MOE_MTP.replace(n_layers=2, mtp_depth=0, n_experts=4)
-mesh = make_mesh({"data": 2, "expert": 2, "tensor": 2})  # 2 experts an expert rank, half their width a tensor rank
+mesh = make_mesh({{"data": 2, "expert": 2, "tensor": 2}})  # 2 experts an expert rank, half their width a tensor rank
 params = jax.jit(models.init, static_argnums=0)(cfg, jax.random.key(0))
 gate = params["layers_moe"]["experts"]["gate"]  # [L, E, D, F]
-params["layers_moe"]["experts"]["gate"] = gate.at[1, 3, :, :8].multiply(1e4)  # layer 1, expert 3, tensor rank 0's F
+params["layers_moe"]["experts"]["gate"] = gate.at[1, 3, :, :{columns}].multiply(1e4)
 site = t._locate(params, t.batch(), mesh, cfg)
-assert (site["pass"], site["layer"], site["stack"], site["sublayer"]) == \\
-    ("forward", 1, "layers_moe", "moe.experts"), site
-# The overflow is computed inside the expert-parallel shard_map, by expert rank 1 on its tensor rank 0 only.
-where = tuple({"expert": 1, "tensor": 0}.get(a, slice(None)) for a in mesh.axis_names)
-want = sorted(int(d.id) for d in np.ravel(mesh.devices[where]))
-assert site["devices"] == want and len(want) == 2, (site, want)
+want = {want!r}
+coords = want.pop("where")
+where = tuple(coords.get(a, slice(None)) for a in mesh.axis_names)
+assert {{k: site.get(k) for k in want}} == want, site
+assert site["devices"] == sorted(int(d.id) for d in np.ravel(mesh.devices[where])), site
 print(t.nonfinite.describe(site))
 print("OK")
 """
 
 
 def test_an_overflow_inside_the_expert_parallel_shard_map_is_named_by_layer_and_expert_rank():
-  out = run_on_fake_devices(EXPERT_PARALLEL, timeout=300)
+  # Computed inside the expert-parallel shard_map, by expert rank 1 (experts 2, 3) on its tensor rank 0 only.
+  want = {"pass": "forward", "layer": 1, "stack": "layers_moe", "sublayer": "moe.experts",
+          "where": {"expert": 1, "tensor": 0}}
+  out = run_on_fake_devices(expert_parallel_script("unstable_activation", 8, want), timeout=300)
   assert "first nan in the forward pass at layer 1 (layers_moe), moe.experts, devices [" in out
+
+
+@pytest.mark.slow
+def test_a_backward_only_overflow_inside_the_expert_shard_map_names_the_expert_rank():
+  # The naive sigmoid's derivative: NaN in the experts' backward, at the inputs expert rank 1 received (on both
+  # tensor ranks: their partial gradients are summed).
+  want = {"pass": "backward", "layer": 1, "stack": "layers_moe", "sublayer": "moe.experts",
+          "gradient_at": "moe.expert_inputs", "where": {"expert": 1}}
+  run_on_fake_devices(expert_parallel_script("naive_silu", 16, want), timeout=300)
