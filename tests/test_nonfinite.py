@@ -1,7 +1,9 @@
 """Locating the first non-finite value of a step (train/nonfinite.py): the seed's failure, a hand-written tanh
 that overflows for large inputs, in one layer is named by layer, sub-layer and pass; an infinite embedding row by
-the batch row that reads it; on data 2 x tensor 4 by the devices that hold it; and a training run stops with the
-report in the log and in <workdir>/nonfinite_step<N>.json."""
+the batch row that reads it; on data 2 x tensor 4 by the devices that hold it; in one expert of an
+expert-parallel MoE layer (inside its shard_map) by the expert rank's devices; the checking run computes the
+step's loss with its MoE and MTP terms; and a training run stops with the report in the log and in
+<workdir>/nonfinite_step<N>.json."""
 from __future__ import annotations
 
 import json
@@ -16,6 +18,7 @@ from jpllm_jax import models
 from jpllm_jax.models import layers, llama
 from jpllm_jax.parallel import DEFAULT_RULES, make_mesh
 from jpllm_jax.train import loop, nonfinite
+from jpllm_jax.train import step as step_lib
 
 from fake_devices import run_on_fake_devices
 from test_train_guard import _config as _guard_config, _poison_data
@@ -49,9 +52,9 @@ def overflowing(params, layer: int, scale: float = 1e4):
   return params
 
 
-def _locate(params, b, mesh=None):
+def _locate(params, b, mesh=None, cfg=CFG):
   mesh = mesh or make_mesh({"data": 1})
-  return nonfinite.locate(CFG, params, jax.tree.map(jnp.asarray, b), mesh=mesh, rules=DEFAULT_RULES, z_loss=1e-4)
+  return nonfinite.locate(cfg, params, jax.tree.map(jnp.asarray, b), mesh=mesh, rules=DEFAULT_RULES, z_loss=1e-4)
 
 
 def naive_sigmoid(x):
@@ -59,10 +62,15 @@ def naive_sigmoid(x):
   return 1 / (1 + jnp.exp(-x))
 
 
+def naive_silu(name, x):
+  """silu written with the naive sigmoid: every value finite, the gradient NaN where x is below -88."""
+  del name
+  return x * naive_sigmoid(x)
+
+
 @pytest.mark.slow
 def test_a_backward_only_overflow_is_named_by_layer_and_sublayer(monkeypatch):
-  # silu written with the naive sigmoid: every value finite, the gradient NaN where the gate is below -88.
-  monkeypatch.setattr(layers, "activation", lambda name, x: x * naive_sigmoid(x))
+  monkeypatch.setattr(layers, "activation", naive_silu)
   site = _locate(overflowing(models.init(CFG, jax.random.key(0)), 1), batch())
   assert (site["pass"], site["layer"], site["stack"]) == ("backward", 1, "layers"), site
   assert (site["sublayer"], site["gradient_at"], site["value"]) == ("mlp.activation", "mlp_norm", "nan"), site
@@ -79,6 +87,26 @@ def test_an_infinite_embedding_row_is_named_with_the_batch_row_that_reads_it():
   site = _locate(params, b)
   assert (site["pass"], site["piece"], site["sublayer"], site["value"]) == ("forward", "embed", "embed", "inf"), site
   assert site["batch_index"] == 2, site
+
+
+# A MoE layer (Switch balance loss, router z-loss) and one MTP block (MoE too), as small as compiles fast.
+MOE_MTP = models.preset("mixtral-8x7b", vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=48,
+                        moe_d_ff=16, max_seq_len=16, mtp_depth=1, router_z_loss_coef=1e-3)
+
+
+def test_the_rerun_computes_the_step_s_loss_with_its_moe_and_mtp_terms():
+  params = jax.jit(models.init, static_argnums=0)(MOE_MTP, jax.random.key(1))
+  b = batch()
+  b["segment_ids"][3, 10:] = 0  # padding: the micro-batches' token counts differ (means are weighted).
+  b["weights"][3, 9:] = 0
+  b = jax.tree.map(jnp.asarray, b)
+  kwargs = dict(z_loss=1e-4, micro_batches=2, mtp_loss_coef=0.3)
+  want = jax.jit(lambda p, b: step_lib.loss_and_grads(MOE_MTP, p, b, **kwargs)[0])(params, b)
+  run = nonfinite.rerun(MOE_MTP, params, b, mesh=make_mesh({"data": 1}), rules=DEFAULT_RULES, **kwargs)
+  assert run.site is None and set(run.loss) == {"loss", "ce", "z_loss", "moe_loss", "mtp_loss"}, run
+  for k, v in run.loss.items():  # (the MoE terms are 0.5% of the loss, the MTP term a quarter)
+    np.testing.assert_allclose(v, float(want[k]), rtol=2e-6, err_msg=k)
+  assert run.loss["moe_loss"] > 1e-3 and run.loss["mtp_loss"] > 1
 
 
 # ------------------------------------------------------------------------------ in the training loop
@@ -140,3 +168,47 @@ print("OK")
 
 def test_on_data_2_x_tensor_4_the_site_names_the_tensor_rank_that_holds_it():
   run_on_fake_devices(SHARDED, timeout=300)
+
+
+def expert_parallel_script(activation: str, columns: int, want: dict) -> str:
+  """A script for 8 fake devices: on data 2 x expert 2 x tensor 2, expert 3 of MoE layer 1 overflows with
+  `activation` (its gate's first `columns` of 16 scaled up; 8 are tensor rank 0's); the site must match `want`,
+  and name the devices at the mesh coordinates `want["where"]`."""
+  return f"""
+import jax, jax.numpy as jnp, numpy as np
+import test_nonfinite as t
+from jpllm_jax import models
+from jpllm_jax.models import layers
+from jpllm_jax.parallel import make_mesh
+layers.activation = t.{activation}  # the routed experts' too (moe/ops.py calls layers.activation)
+cfg = t.MOE_MTP.replace(n_layers=2, mtp_depth=0, n_experts=4)
+mesh = make_mesh({{"data": 2, "expert": 2, "tensor": 2}})  # 2 experts an expert rank, half their width a tensor rank
+params = jax.jit(models.init, static_argnums=0)(cfg, jax.random.key(0))
+gate = params["layers_moe"]["experts"]["gate"]  # [L, E, D, F]
+params["layers_moe"]["experts"]["gate"] = gate.at[1, 3, :, :{columns}].multiply(1e4)
+site = t._locate(params, t.batch(), mesh, cfg)
+want = {want!r}
+coords = want.pop("where")
+where = tuple(coords.get(a, slice(None)) for a in mesh.axis_names)
+assert {{k: site.get(k) for k in want}} == want, site
+assert site["devices"] == sorted(int(d.id) for d in np.ravel(mesh.devices[where])), site
+print(t.nonfinite.describe(site))
+print("OK")
+"""
+
+
+def test_an_overflow_inside_the_expert_parallel_shard_map_is_named_by_layer_and_expert_rank():
+  # Computed inside the expert-parallel shard_map, by expert rank 1 (experts 2, 3) on its tensor rank 0 only.
+  want = {"pass": "forward", "layer": 1, "stack": "layers_moe", "sublayer": "moe.experts",
+          "where": {"expert": 1, "tensor": 0}}
+  out = run_on_fake_devices(expert_parallel_script("unstable_activation", 8, want), timeout=300)
+  assert "first nan in the forward pass at layer 1 (layers_moe), moe.experts, devices [" in out
+
+
+@pytest.mark.slow
+def test_a_backward_only_overflow_inside_the_expert_shard_map_names_the_expert_rank():
+  # The naive sigmoid's derivative: NaN in the experts' backward, at the inputs expert rank 1 received (on both
+  # tensor ranks: their partial gradients are summed).
+  want = {"pass": "backward", "layer": 1, "stack": "layers_moe", "sublayer": "moe.experts",
+          "gradient_at": "moe.expert_inputs", "where": {"expert": 1}}
+  run_on_fake_devices(expert_parallel_script("naive_silu", 16, want), timeout=300)

@@ -1,15 +1,57 @@
-"""Random streams do not depend on the mesh, and a checkpoint restores onto another mesh (8 fake devices).
+"""Random streams depend on (seed, a stable name) only: not on the other parameters, the mesh or the process; a
+checkpoint restores onto another mesh (8 fake devices).
 
-The model has no dropout and no router noise: its random draws are the initialisation (one key per parameter,
-split from the seed in the order of the parameter table) and the data order (host-side, from the seed and the
-shard, never from a device: `test_train_multiprocess` checks 2 processes read the batches of 1). With
+The model has no dropout and no router noise: its random draws are the initialisation (each parameter from the
+seed folded with the CRC-32 of its name, `transformer.init_key`) and the data order (host-side, from the seed and
+the shard, never from a device: `test_train_multiprocess` checks 2 processes read the batches of 1). With
 `jax_threefry_partitionable` (on) the initialisation is the same bit for bit on 1 device, data 2 x tensor 4 and
 fsdp 8; `test_train_sharded` checks the train step itself on these layouts."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
 
-from fake_devices import run_on_fake_devices
+import jax
+import numpy as np
+
+from jpllm_jax import models
+from jpllm_jax.models import llama, transformer
+from jpllm_jax.models.config import MTPConfig
+
+from fake_devices import REPO, run_on_fake_devices
+
+TINY = llama.llama2(vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=32, max_seq_len=8,
+                     tie_embeddings=True)
+
+
+def _leaves(params) -> dict[str, np.ndarray]:
+  return {transformer.param_name(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def test_a_parameter_s_init_does_not_depend_on_the_others():
+  # An untied head and an extra stack (MTP) add parameters between and after the shared ones in the table.
+  base = _leaves(models.init(TINY, jax.random.key(5)))
+  more = _leaves(models.init(TINY.replace(mtp=MTPConfig(depth=1), tie_embeddings=False), jax.random.key(5)))
+  assert set(base) < set(more) and {"mtp/proj/kernel", "lm_head/kernel"} <= set(more) - set(base)
+  for name, a in base.items():
+    assert np.array_equal(a, more[name]), name
+  # Each draw is its own: no two weights of the same shape are equal, another seed changes every one.
+  other = _leaves(models.init(TINY, jax.random.key(6)))
+  drawn = [n for n, a in base.items() if a.std() > 0]
+  assert len(drawn) == 8 and not any(np.array_equal(base[n], other[n]) for n in drawn), drawn
+  assert not np.array_equal(base["layers/attn/q/kernel"], base["layers/attn/k/kernel"])
+
+
+def test_the_init_key_is_the_same_in_every_python_process():
+  # crc32, not hash(): hash() of a str is salted per process (PYTHONHASHSEED).
+  code = ("import jax; from jpllm_jax.models import transformer; "
+          "print(jax.random.key_data(transformer.init_key(jax.random.key(0), 'layers/mlp/up/kernel')).tolist())")
+  runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
+                         env=dict(os.environ, PYTHONHASHSEED=seed, JAX_PLATFORMS="cpu")).stdout
+          for seed in ("1", "2")}
+  assert len(runs) == 1, runs
 
 SCRIPT = textwrap.dedent("""
     import functools, json, tempfile

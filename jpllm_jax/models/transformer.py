@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from typing import Any, Callable
 
 import jax
@@ -123,23 +124,39 @@ def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
                       param_specs(cfg), is_leaf=_is_spec)
 
 
+def param_name(path) -> str:
+  """A parameter's stable name, its path in the table joined by "/" ("layers/attn/q/kernel")."""
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def init_key(rng: jax.Array, name: str) -> jax.Array:
+  """The key of parameter `name`: `rng` folded with the CRC-32 of the name, a hash that is the same in every
+  process and Python run (`hash()` is salted per process), so a parameter's draw depends only on (seed, name):
+  adding, removing or reordering other parameters leaves it unchanged, and no mesh or process enters it."""
+  return jax.random.fold_in(rng, zlib.crc32(name.encode()))
+
+
 def init(cfg: ModelConfig, rng: jax.Array) -> Params:
-  """Random parameters: normal(init_std) matrices, residual outputs scaled by 1/sqrt(2 n_layers)."""
+  """Random parameters: normal(init_std) matrices, residual outputs scaled by 1/sqrt(2 n_layers); each
+  parameter drawn from its own key, `init_key(rng, its name)`."""
   specs = param_specs(cfg)
-  leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
-  keys = jax.random.split(rng, len(leaves))
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=_is_spec)
+  names = [param_name(path) for path, _ in leaves]
+  hashes = [zlib.crc32(n.encode()) for n in names]
+  if len(set(hashes)) != len(hashes):  # two parameters would share a key: rename one.
+    raise ValueError(f"parameters with the same CRC-32: {[n for n, h in zip(names, hashes) if hashes.count(h) > 1]}")
   out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.scaled_out_init else cfg.init_std
 
-  def make(spec: ParamSpec, key):
+  def make(spec: ParamSpec, name: str):
     dtype = jnp.dtype(spec.dtype or cfg.numerics.param_dtype)
     if spec.init == "ones":
       return jnp.ones(spec.shape, dtype)
     if spec.init == "zeros":
       return jnp.zeros(spec.shape, dtype)
     std = out_std if spec.init == "out" else cfg.init_std
-    return (std * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
+    return (std * jax.random.normal(init_key(rng, name), spec.shape, jnp.float32)).astype(dtype)
 
-  return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys)])
+  return jax.tree.unflatten(treedef, [make(s, n) for (_, s), n in zip(leaves, names)])
 
 
 # ------------------------------------------------------------------------------------------ forward

@@ -105,7 +105,6 @@ def moe_ffn_expert_parallel(x: jax.Array, expert_ids: jax.Array, gates: jax.Arra
                                                  capacity_factor=capacity_factor, impl=impl, activation=activation)
     if tp:
       y = jax.lax.psum(y, tp)
-    y = probe("moe.experts", y)  # inside the shard_map: a checking run sees each device's tokens.
     return y, {"load": jax.lax.psum(load, tok), "dropped": jax.lax.psum(dropped, tok)}
 
   tokens, w_in, w_out = P(tok, None), P(expert_axis, None, tp), P(expert_axis, tp, None)
@@ -157,8 +156,12 @@ def _dispatch_compute_combine(x, ids, gates, wg, wu, wd, *, num_experts: int, ex
   send_g = jnp.take(gates.reshape(-1), send_src, mode="fill", fill_value=0)
   send_e = jnp.take(e_A % e_local, send_src, mode="fill", fill_value=e_local)  # e_local: empty row
   to_experts = lambda v: jax.lax.all_to_all(v, expert_axis, 0, 0, tiled=True)
-  out_R = _local_experts(to_experts(send_x), to_experts(send_g), to_experts(send_e), wg, wu, wd, mean_rows=a,
+  # The probes (train/nonfinite.py's checking run) see the rows each expert rank receives and computes, so a site
+  # names the expert rank's devices (forward: its outputs; backward: the gradient at its inputs).
+  x_R = probe("moe.expert_inputs", to_experts(send_x))
+  out_R = _local_experts(x_R, to_experts(send_g), to_experts(send_e), wg, wu, wd, mean_rows=a,
                          group_cap=None if cap is None else n_ep * cap, impl=impl, activation=activation)
+  out_R = probe("moe.experts", out_R)
   # The rows come back already weighted by their gates: each token sums its k rows (zeros where dropped).
   y = ops.combine(to_experts(out_R), flat, n).astype(x.dtype)
   return y, (a - keep.sum()).astype(jnp.int32), load

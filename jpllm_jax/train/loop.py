@@ -362,7 +362,7 @@ def train(config, workdir: str) -> dict[str, Any]:
 
   preempt = _Preemption()
   on_nonfinite = nonfinite.OnNonFinite(tc.on_nonfinite, cfg, workdir, mesh=mesh, rules=rules, z_loss=o.z_loss,
-                                       micro_batches=tc.micro_batches)
+                                       micro_batches=tc.micro_batches, mtp_loss_coef=o.mtp_loss_coef)
   bad_streak, skipped_total, last = 0, 0, {}
   window_tokens, window_start = 0.0, time.perf_counter()
   pending = None  # (step, metrics, batch) of the previous step, checked one step late so that dispatch stays async.
