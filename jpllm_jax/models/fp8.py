@@ -23,9 +23,11 @@ in the train state (`state["fp8"]`, not in the optimizer's params): a tree of [*
 of x, w, dy; row 0 the newest) beside the kernels of the projections that `layers.dense` runs, merged into the
 params for the step (`merge`), so a scanned stack's histories are scanned with its layers. Each call scales by the
 rows' maxima and gives its history, as its "gradient", this step's amaxes in row 0 (zeros elsewhere); the step
-rolls them in (`roll`); micro-batches combine by their maximum (`accumulate`). An empty history (all 0: the first
-FP8 step) falls back to the current amax. Calls without a history use current per-tensor scaling: the routed
-experts (inside their own VJP), and the head and router if they are taken out of `fp8_exclude`.
+rolls them in (`roll`); micro-batches combine by their maximum (`accumulate`), skipped steps keep the old ones.
+An empty history (all 0: the first FP8 step, also after `fp8_from_step`, whose BF16 steps leave the histories
+empty) falls back to the current amax. Calls without a history use current per-tensor scaling: the routed experts
+(inside their own VJP), and the head and router if they are taken out of `fp8_exclude`; the histories of
+excluded projections stay empty.
 """
 from __future__ import annotations
 
@@ -185,7 +187,7 @@ def _amax(x: jax.Array) -> jax.Array:
 
 
 def _delayed_amax(history: jax.Array | None) -> tuple[jax.Array, ...] | None:
-  """The amaxes (x, w, dy) a call scales by: the maxima of its history's rows (0: none yet, the current one)."""
+  """The amaxes (x, w, dy) a call scales by: their maxima over the history (0: none yet, so the current one)."""
   return None if history is None else tuple(jnp.max(history, axis=0))
 
 
