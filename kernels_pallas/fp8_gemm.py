@@ -3,8 +3,9 @@
 `fp8_matmul(x, w)` quantises x per 1x128 tile along K and w per 128x128 block (amax -> FP32 scale -> E4M3),
 multiplies the FP8 operands one 128-wide K tile at a time and adds each tile's product, times its two scales,
 into an FP32 accumulator (the promotion every 128 elements of K). `scaling='tensorwise'` uses one scale per
-tensor instead. The backward pass is FP8 too: dx = dy @ w^T with dy re-quantised per 1x128 tile along N and
-w^T per block, dw = x^T @ dy with both re-quantised per 128-tile along M (their own K).
+tensor instead: from its current amax, or from given amaxes (`amax=`: delayed scaling, models/fp8.py). The
+backward pass is FP8 too: dx = dy @ w^T with dy re-quantised per 1x128 tile along N and w^T per block,
+dw = x^T @ dy with both re-quantised per 128-tile along M (their own K).
 
 Backends (`backend=`; the default 'auto' picks by the platform the program is lowered for, with
 `lax.platform_dependent`, so a deviceless TPU compile on a CPU host gets Mosaic: 'mosaic' on TPU, 'triton' on
@@ -130,33 +131,40 @@ def fp8_gemm(aq, sa, bq, sb, *, out_dtype=jnp.float32, backend: str | None = Non
   raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
 
 
-def quantize_operands(a, b, *, scaling: str, a_dtype=E4M3, b_dtype=E4M3, b_is_weight: bool = True):
+def quantize_operands(a, b, *, scaling: str, a_dtype=E4M3, b_dtype=E4M3, b_is_weight: bool = True, amax=None):
   """(aq, sa, bq, sb) for a [M, K] @ b [K, N]: a per 1x128 tile, b per 128x128 block if it is a weight else per
-  128x1 tile (an activation or gradient), or one scale each with `scaling='tensorwise'`."""
+  128x1 tile (an activation or gradient), or one scale each with `scaling='tensorwise'`, from the operands'
+  current amaxes or from `amax` = (amax of a, amax of b) (delayed scaling; tensorwise only)."""
   if scaling == "tensorwise":
-    return (*quantize_tensor(a, a_dtype, lhs=True), *quantize_tensor(b, b_dtype, lhs=False))
+    a_amax, b_amax = (None, None) if amax is None else amax
+    return (*quantize_tensor(a, a_dtype, lhs=True, amax=a_amax), *quantize_tensor(b, b_dtype, lhs=False, amax=b_amax))
+  if amax is not None:
+    raise ValueError("given amaxes (delayed scaling) need scaling='tensorwise'")
   if scaling == "blockwise":
     bq = quantize_blocks(b, b_dtype) if b_is_weight else quantize_cols(b, b_dtype)
     return (*quantize_rows(a, a_dtype), *bq)
   raise ValueError(f"scaling must be one of {SCALINGS}, not {scaling!r}")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def _matmul(x, w, scaling, out_dtype, backend, interpret, grad_dtype):
-  return fp8_gemm(*quantize_operands(x, w, scaling=scaling), out_dtype=out_dtype, backend=backend,
-                  interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _matmul(x, w, amax, scaling, out_dtype, backend, interpret, grad_dtype):
+  return fp8_gemm(*quantize_operands(x, w, scaling=scaling, amax=None if amax is None else amax[:2]),
+                  out_dtype=out_dtype, backend=backend, interpret=interpret)
 
 
-def _matmul_fwd(x, w, scaling, out_dtype, backend, interpret, grad_dtype):
-  return _matmul(x, w, scaling, out_dtype, backend, interpret, grad_dtype), (x, w)
+def _matmul_fwd(x, w, amax, scaling, out_dtype, backend, interpret, grad_dtype):
+  return _matmul(x, w, amax, scaling, out_dtype, backend, interpret, grad_dtype), (x, w, amax)
 
 
 def _matmul_bwd(scaling, out_dtype, backend, interpret, grad_dtype, res, dy):
-  x, w = res
+  x, w, amax = res
+  ax, aw, ady = (None, None, None) if amax is None else amax
+  pair = lambda a, b: None if amax is None else (a, b)  # noqa: E731  (the given amaxes of a GEMM's operands)
   gemm = functools.partial(fp8_gemm, out_dtype=jnp.float32, backend=backend, interpret=interpret)
-  dx = gemm(*quantize_operands(dy, w.T, scaling=scaling, a_dtype=grad_dtype))
-  dw = gemm(*quantize_operands(x.T, dy, scaling=scaling, b_dtype=grad_dtype, b_is_weight=False))
-  return dx.astype(x.dtype), dw.astype(w.dtype)
+  dx = gemm(*quantize_operands(dy, w.T, scaling=scaling, a_dtype=grad_dtype, amax=pair(ady, aw)))
+  dw = gemm(*quantize_operands(x.T, dy, scaling=scaling, b_dtype=grad_dtype, b_is_weight=False,
+                               amax=pair(ax, ady)))
+  return dx.astype(x.dtype), dw.astype(w.dtype), jax.tree.map(jnp.zeros_like, amax)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -167,15 +175,20 @@ def _pad_to(x: jax.Array, rows: int, cols: int) -> jax.Array:
 
 
 def fp8_matmul(x: jax.Array, w: jax.Array, *, scaling: str = "blockwise", out_dtype=None,
-               backend: str | None = None, interpret: bool = False, grad_dtype=E4M3) -> jax.Array:
+               backend: str | None = None, interpret: bool = False, grad_dtype=E4M3, amax=None) -> jax.Array:
   """x [M, K] @ w [K, N] through FP8 (see the module docstring), differentiable, in `out_dtype` or x's dtype.
 
   `backend`: 'auto' (default: by the lowering platform) | 'xla' | 'triton' | 'mosaic'; `interpret` runs a Pallas
-  backend in the interpreter; `grad_dtype`: the FP8 type of dy in the backward GEMMs (E4M3 or E5M2)."""
+  backend in the interpreter; `grad_dtype`: the FP8 type of dy in the backward GEMMs (E4M3 or E5M2).
+  `amax` = (amax of x, of w, of dy), scalars (not differentiated): per-tensor delayed scaling, each operand scaled
+  by its given amax / FP8 max instead of its own (values beyond saturate; an amax of 0, i.e. none recorded yet,
+  stands for the operand's own); tensorwise only."""
   if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
     raise ValueError(f"fp8_matmul needs x [M, K] and w [K, N], got {x.shape} and {w.shape}")
   if scaling not in SCALINGS:
     raise ValueError(f"scaling must be one of {SCALINGS}, not {scaling!r}")
+  if amax is not None and (scaling != "tensorwise" or len(amax) != 3):
+    raise ValueError(f"amax needs scaling='tensorwise' and three values (x, w, dy), got {scaling!r}, {amax!r}")
   backend = backend or "auto"
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
@@ -186,5 +199,6 @@ def fp8_matmul(x: jax.Array, w: jax.Array, *, scaling: str = "blockwise", out_dt
   if (mp, kp, np_) != (m, k, n):
     x, w = _pad_to(x, mp, kp), _pad_to(w, kp, np_)
   x, w = vma.vary_alike(x, w)  # (inside shard_map the cast's transpose sums dw over x's axes)
-  y = _matmul(x, w, scaling, out_dtype, backend, interpret, jnp.dtype(grad_dtype))
+  amax = None if amax is None else tuple(jnp.asarray(a, jnp.float32) for a in amax)
+  y = _matmul(x, w, amax, scaling, out_dtype, backend, interpret, jnp.dtype(grad_dtype))
   return y[:m, :n] if (mp, np_) != (m, n) else y

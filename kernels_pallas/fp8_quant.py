@@ -18,7 +18,7 @@ E5M2 = jnp.float8_e5m2  # optional for gradients (max 57344, wider range, fewer 
 
 
 def _scale(amax: jax.Array, dtype) -> jax.Array:
-  """FP32 scale mapping amax to the FP8 maximum; 1 for all-zero tiles (nothing to scale)."""
+  """FP32 scale mapping amax to the FP8 maximum (margin 0); 1 for all-zero tiles (nothing to scale)."""
   amax = amax.astype(jnp.float32)
   return jnp.where(amax > 0, amax / float(jnp.finfo(dtype).max), 1.0)
 
@@ -52,9 +52,13 @@ def quantize_blocks(w: jax.Array, dtype=E4M3) -> tuple[jax.Array, jax.Array]:
   return q, jnp.repeat(s, TILE, axis=1)
 
 
-def quantize_tensor(x: jax.Array, dtype=E4M3, *, lhs: bool) -> tuple[jax.Array, jax.Array]:
-  """One scale for the whole tensor, broadcast to the lhs ([M, K/128]) or rhs ([K/128, N]) scale layout."""
-  s = _scale(jnp.max(jnp.abs(x)), dtype)
+def quantize_tensor(x: jax.Array, dtype=E4M3, *, lhs: bool, amax: jax.Array | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
+  """One scale for the whole tensor, broadcast to the lhs ([M, K/128]) or rhs ([K/128, N]) scale layout; from
+  x's own amax, or from a given `amax` (delayed scaling: elements beyond it saturate at the FP8 maximum; a given
+  amax of 0, none recorded yet, stands for x's own)."""
+  own = jnp.max(jnp.abs(x)).astype(jnp.float32)
+  s = _scale(own if amax is None else jnp.where(amax > 0, amax, own), dtype)
   m, n = x.shape
   shape = (m, n // TILE) if lhs else (m // TILE, n)
   return _cast(x, s, dtype), jnp.full(shape, s, jnp.float32)

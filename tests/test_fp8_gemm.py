@@ -88,6 +88,32 @@ def test_interpreted_kernel_gradients_match_xla():
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(np.asarray(b)).max())
 
 
+def test_given_amaxes_scale_like_tensorwise_and_saturate():
+  """Delayed scaling's GEMMs (`amax=`): at the operands' own amaxes (or 0: none recorded) they are the tensorwise
+  GEMMs, forward, dgrad and wgrad; at a smaller amax the values beyond it saturate at 448 (x clipped to it)."""
+  x, w = _inputs(128, 256, 256, seed=7)
+  dy = jax.random.normal(jax.random.key(8), (128, 256), jnp.float32)
+  amax = lambda a: jnp.max(jnp.abs(a))  # noqa: E731
+
+  @jax.jit
+  def run(x, w, dy, amaxes):
+    y, vjp = jax.vjp(lambda x, w: fp8_matmul(x, w, scaling="tensorwise", amax=amaxes), x, w)
+    return y, *vjp(dy)
+
+  current = run(x, w, dy, None)
+  for given in ((amax(x), amax(w), amax(dy)), (np.float32(0),) * 3):  # (one compile: no weak types)
+    for a, b in zip(run(x, w, dy, given), current):
+      np.testing.assert_array_equal(a, b)
+  half = amax(x) / 2
+  clipped = jnp.clip(x, -half, half)
+  np.testing.assert_array_equal(run(x, w, dy, (half, amax(w), amax(dy)))[0], run(clipped, w, dy, None)[0])
+  q, _ = fq.quantize_tensor(x, lhs=True, amax=half)
+  beyond = np.abs(np.asarray(x)) >= half
+  assert beyond.sum() > 100 and np.all(np.abs(np.asarray(q, np.float32))[beyond] == 448.0)
+  with pytest.raises(ValueError, match="amax needs scaling='tensorwise'"):
+    fp8_matmul(x, w, amax=(1.0, 1.0, 1.0))
+
+
 def test_padding_dtypes_and_errors():
   x, w = _inputs(200, 300, 130, seed=4)
   y = fp8_matmul(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))

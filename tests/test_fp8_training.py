@@ -1,5 +1,6 @@
 """FP8 training: the matmul policy reaches every projection (jaxpr of the train step), the routed experts' layouts,
-the statistics, and the BF16 -> FP8 switch at `fp8_from_step`."""
+the statistics, the BF16 -> FP8 switch at `fp8_from_step`, and delayed scaling's amax histories (the previous
+step's amax, rolled in the train state, saturation on a jump, checkpointed)."""
 from __future__ import annotations
 
 import functools
@@ -20,6 +21,8 @@ from jpllm_jax.models import config as mc
 from jpllm_jax.models import fp8, strategy
 from jpllm_jax.moe import ops
 from jpllm_jax.train import step as train_step_lib
+from jpllm_jax.train.checkpointing import TrainCheckpointer
+from kernels_pallas.fp8_gemm import fp8_matmul
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V, E = 320, 6  # sizes no other dimension has: a dot with one of them is the head's or the router's
@@ -63,7 +66,8 @@ def _step_jaxpr(cfg):
 
 
 @pytest.mark.parametrize("cfg", [pytest.param(DEEPSEEK.replace(matmul="fp8_blockwise"), marks=pytest.mark.slow),
-                                 LLAMA.replace(matmul="fp8_tensorwise")], ids=["deepseek-blockwise", "llama-tensorwise"])
+                                 LLAMA.replace(matmul="fp8_tensorwise"), LLAMA.replace(matmul="fp8_delayed")],
+                         ids=["deepseek-blockwise", "llama-tensorwise", "llama-delayed"])
 def test_every_projection_of_the_train_step_is_fp8(cfg):
   """No dot of the FP8 train step bypasses the policy except the excluded head and router and the attention
   products (batched over heads, not projections); the default policy has no FP8 dot."""
@@ -81,13 +85,14 @@ def test_every_projection_of_the_train_step_is_fp8(cfg):
   assert not any(_is_f8(e) for e in _dots(_step_jaxpr(cfg.replace(matmul="default"))))
 
 
-def test_exclusion_names_and_unimplemented_recipes():
+def test_exclusion_names_and_bad_recipes():
   jaxpr = _step_jaxpr(LLAMA.replace(matmul="fp8_blockwise", fp8_exclude="embed,lm_head,router,dense"))
   assert not any(_is_f8(e) for e in _dots(jaxpr))  # every GQA / MLP projection of transformer.py is "dense"
   with pytest.raises(ValueError, match="not projection names"):
     fp8.policy(LLAMA.replace(matmul="fp8_blockwise", fp8_exclude="attention"))
-  with pytest.raises(NotImplementedError, match="delayed"):
-    fp8.policy(LLAMA.replace(matmul="fp8_delayed"))
+  assert fp8.policy(LLAMA.replace(matmul="fp8_delayed")) == fp8.Policy("tensorwise", delayed=True)
+  with pytest.raises(ValueError, match="fp8_amax_history"):
+    LLAMA.replace(matmul="fp8_delayed", fp8_amax_history=0)
   with pytest.raises(ValueError, match="matmul"):
     LLAMA.replace(matmul="fp8")
 
@@ -133,6 +138,119 @@ def test_fp8_statistics_count_flushed_elements():
     _, st = fp8.stats(jax.jit(jax.grad(f))(fp8.with_probe({"w": w})))
     assert float(st["fp8_overflow"]) == 0.0  # current scaling never saturates
     assert (float(st["fp8_underflow"]) > 0.2) == flushed, (scaling, st)
+
+
+def test_delayed_scaling_uses_the_previous_steps_amax():
+  """History length 1: the first step (empty history) is current scaling; its amaxes of x, w and dy come out as
+  the history's gradient, and the next step's GEMMs (forward, dgrad, wgrad) are the tensorwise GEMMs at those
+  amaxes; an input twice as large as the recorded one saturates (delayed scaling can, current scaling cannot)."""
+  ks = jax.random.split(jax.random.key(0), 4)
+  x0, w = jax.random.normal(ks[0], (128, 256)), 0.02 * jax.random.normal(ks[1], (256, 128))
+  dy0, dy1 = jax.random.normal(ks[2], (128, 128)), jax.random.normal(ks[3], (128, 128))
+  pol = fp8.Policy("tensorwise", delayed=True)
+
+  @jax.jit
+  def step(p, x, dy):
+    def f(p, x):
+      with fp8.probing(p) as p:
+        return jnp.vdot(fp8.einsum(pol, "mk,kn->mn", x, p["w"], p[fp8.HISTORY]), dy)
+    return jax.grad(f, argnums=(0, 1))(p, x)
+
+  @jax.jit
+  def reference(x, dy, amax=None):  # (dx, dw) of the tensorwise GEMM, at the current or the given amaxes
+    return jax.grad(lambda x, w: jnp.vdot(fp8_matmul(x, w, scaling="tensorwise", amax=amax), dy), (0, 1))(x, w)
+
+  p = fp8.with_probe({"w": w, fp8.HISTORY: jnp.zeros((1, 3))})
+  g, dx = step(p, x0, dy0)
+  _, st = fp8.stats(g)
+  assert float(st["fp8_overflow"]) == 0.0
+  np.testing.assert_array_equal(dx, reference(x0, dy0)[0])
+  amax0 = np.array([np.abs(x0).max(), np.abs(w).max(), np.abs(dy0).max()])
+  np.testing.assert_array_equal(g[fp8.HISTORY], amax0[None])
+
+  history = fp8.roll({"h": p[fp8.HISTORY]}, {"h": g[fp8.HISTORY]})["h"]
+  g, dx = step({**p, fp8.HISTORY: history}, 2 * x0, dy1)
+  ref_dx, ref_dw = reference(2 * x0, dy1, tuple(amax0))
+  np.testing.assert_array_equal(dx, ref_dx)
+  np.testing.assert_array_equal(g["w"], ref_dw)
+  assert not np.array_equal(dx, reference(2 * x0, dy1)[0])  # not current scaling
+  _, st = fp8.stats(g)
+  assert float(st["fp8_overflow"]) > 0.005  # the entries of 2 x0 beyond amax(x0), and dy1's beyond amax(dy0)
+
+
+def _batch(seed=1):
+  tokens = jax.random.randint(jax.random.key(seed), (2, 33), 0, V)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": jnp.ones((2, 32), jnp.int32),
+          "positions": jnp.broadcast_to(jnp.arange(32), (2, 32)), "weights": jnp.ones((2, 32), jnp.float32)}
+
+
+@functools.cache
+def _delayed_run():
+  """(config, initial state, jitted step) of fp8_delayed training: history length 2, step 0 in BF16
+  (fp8_from_step=1); shared by the tests (compiling the step is most of their time)."""
+  cfg = LLAMA.replace(matmul="fp8_delayed", fp8_amax_history=2, fp8_from_step=1)
+  tx = optax.adamw(1e-3)
+  step = jax.jit(functools.partial(train_step_lib.train_step, cfg=cfg, tx=tx,
+                                   schedule=optax.constant_schedule(1e-3), step_cfg=train_step_lib.StepConfig()))
+  state = jax.jit(functools.partial(train_step_lib.init_state, cfg, tx))(jax.random.key(0))
+  return cfg, jax.device_put(state, jax.devices()[0]), step  # (committed, as a restored state is: one compile)
+
+
+def _jump(state, factor=100.0):
+  """The state with every layer's attention-norm scale times `factor`: a jump in the q, k, v inputs."""
+  params = {**state["params"], "layers": {**state["params"]["layers"]}}
+  params["layers"]["attn_norm"] = {"scale": params["layers"]["attn_norm"]["scale"] * factor}
+  return {**state, "params": params}
+
+
+def test_delayed_history_rolls_in_the_train_state_and_saturates_on_a_jump():
+  """fp8_delayed train steps: the histories sit in state["fp8"] (not in the params the optimizer sees), stay
+  empty in the BF16 step before fp8_from_step, take each FP8 step's amaxes in row 0 and shift the older ones; a
+  jump of the activations saturates E4M3 on that step, and enters the history."""
+  _, state, step = _delayed_run()
+  paths = lambda tree: [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]  # noqa: E731
+  assert not any(fp8.HISTORY in k for k in paths(state["params"]) + paths(state["opt_state"]))
+  assert len(paths(state["fp8"])) == 7  # q, k, v, o, gate, up, down; each [layers, H, (x, w, dy)]
+  assert state["fp8"]["layers"]["attn"]["q"][fp8.HISTORY].shape == (LLAMA.n_layers, 2, 3)
+  batch, rows = _batch(), []
+  for i in range(4):
+    state, m = step(_jump(state) if i == 3 else state, batch)
+    rows.append((jax.device_get(state["fp8"]), jax.device_get(m)))
+  (h0, m0), (h1, m1), (h2, m2), (h3, m3) = rows
+  assert all(np.all(h == 0) for h in jax.tree.leaves(h0)) and m0["fp8_underflow"] == 0  # step 0: BF16
+  for a, b, c in zip(*(jax.tree.leaves(h) for h in (h1, h2, h3))):
+    assert np.all(a[:, 0] > 0) and np.all(a[:, 1] == 0)  # step 1: the first FP8 step's amaxes
+    np.testing.assert_array_equal(b[:, 1], a[:, 0])  # rolled: row 1 holds the previous step's row 0
+    np.testing.assert_array_equal(c[:, 1], b[:, 0])
+  q_x = lambda h: h["layers"]["attn"]["q"][fp8.HISTORY][:, 0, 0]  # noqa: E731  (newest amax of q's input)
+  np.testing.assert_allclose(q_x(h3), 100 * q_x(h2), rtol=0.05)
+  assert m1["fp8_overflow"] == 0  # current scaling (empty history) cannot saturate
+  assert m3["fp8_overflow"] > 0.05 and m3["fp8_overflow"] > 100 * m2["fp8_overflow"], (m2, m3)
+
+
+def test_delayed_histories_are_checkpointed_and_a_resumed_run_continues_alike(tmp_path):
+  """The histories are saved with the train state: restored, the next step's loss and histories are the
+  uninterrupted run's, bit for bit."""
+  cfg, state, step = _delayed_run()
+  batch = _batch()
+  for _ in range(3):
+    state, _ = step(state, batch)
+
+  class Position:  # what a checkpoint reads of the data iterator
+    def get_state(self):
+      return {"pos": 0}
+
+  ckpt = TrainCheckpointer(tmp_path / "ck", cfg, save_every=1, keep=1, async_save=False)
+  ckpt.save(3, state, Position(), force=True)
+  ckpt.close()
+  ckpt = TrainCheckpointer(tmp_path / "ck", cfg, save_every=1, keep=1, async_save=False)
+  restored = ckpt.restore(3, jax.tree.map(jnp.zeros_like, state), None)
+  ckpt.close()
+  assert any(np.any(h != 0) for h in jax.tree.leaves(restored["fp8"]))
+  jax.tree.map(np.testing.assert_array_equal, restored["fp8"], state["fp8"])
+  (a, ma), (b, mb) = step(state, batch), step(restored, batch)
+  assert float(ma["loss"]) == float(mb["loss"])
+  jax.tree.map(np.testing.assert_array_equal, a["fp8"], b["fp8"])
 
 
 @pytest.mark.slow

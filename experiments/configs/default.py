@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
       family="llama", vocab_size=0, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=768,
       max_seq_len=4096, rope_theta=10000.0, norm_eps=1e-5, init_std=0.02, scaled_out_init=True,
       scale_embedding=False, tie_embeddings=False, dtype="float32", param_dtype="float32", remat="none",
-      matmul="default", fp8_exclude="embed,lm_head,router", fp8_from_step=0))
+      matmul="default", fp8_exclude="embed,lm_head,router", fp8_from_step=0, fp8_amax_history=1024))
   c.data.sources = os.path.normpath(os.path.join(_SHARED, "text_ja", "pretrain_ja.jsonl"))
   c.data.seq_len = 256
   c.train.update(steps=200, batch_size=16)

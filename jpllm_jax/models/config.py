@@ -29,8 +29,8 @@ ROUTERS = ("softmax", "sigmoid")  # Mixtral's softmax top-k, DeepSeek-V3's sigmo
 # Activation checkpointing of each layer: what the backward pass may keep instead of recomputing.
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_proj")
 # The matmul policy of every dense projection (models/fp8.py): the compute dtype, or FP8 (E4M3) with per-tensor
-# current scaling, per-tensor delayed scaling (an amax history; not implemented yet), or DeepSeek-V3's 1x128 /
-# 128x128 blockwise scaling.
+# current scaling, per-tensor delayed scaling (an amax history per tensor, kept in the train state), or
+# DeepSeek-V3's 1x128 / 128x128 blockwise scaling.
 MATMULS = ("default", "fp8_tensorwise", "fp8_delayed", "fp8_blockwise")
 
 
@@ -134,11 +134,15 @@ class NumericsConfig:
   # Engine keep the embedding, output head and router in higher precision); names in models/fp8.py NAMES.
   fp8_exclude: str = "embed,lm_head,router"
   fp8_from_step: int = 0  # > 0: steps before it train in the compute dtype, the rest in FP8 (LLM-jp's hybrid run).
+  # fp8_delayed: steps of amax history per tensor (the scale is the history's max / 448), Transformer Engine's and
+  # flax's default length.
+  fp8_amax_history: int = 1024
 
   def __post_init__(self):
     _check(self.remat in REMAT_POLICIES, f"remat={self.remat!r} not in {REMAT_POLICIES}")
     _check(self.matmul in MATMULS, f"matmul={self.matmul!r} not in {MATMULS}")
     _check(self.fp8_from_step >= 0, f"fp8_from_step must be >= 0, got {self.fp8_from_step}")
+    _check(self.fp8_amax_history >= 1, f"fp8_amax_history must be >= 1, got {self.fp8_amax_history}")
 
   @property
   def fp8_excluded(self) -> frozenset[str]:

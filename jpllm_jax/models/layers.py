@@ -189,20 +189,21 @@ def activation(name: str, x):
 
 def dense(x, p: dict, eq: str, name: str = "dense"):
   """Einsum with an optional bias: the one projection helper of the models (`name`: see `matmul`)."""
-  y = matmul(eq, x, p["kernel"], name=name)
+  y = matmul(eq, x, p["kernel"], name=name, history=p.get(fp8.HISTORY))
   if "bias" in p:
     y = y + p["bias"]
   return y
 
 
-def matmul(eq: str, x, w, *, name: str = "dense", preferred_element_type=None):
+def matmul(eq: str, x, w, *, name: str = "dense", preferred_element_type=None, history=None):
   """`jnp.einsum(eq, x, w)` for a projection (every index of `w` is in `x` or the output): the one place every
   projection's GEMM goes through. Under the injected FP8 policy (`fp8.current(name)`; `name` one of fp8.NAMES,
-  checked against `numerics.fp8_exclude`) it runs as FP8 GEMMs; else in the compute dtype, with
-  `preferred_element_type` as jnp.einsum's or, without it, a backward pass of two plain einsums (`_einsum`)."""
+  checked against `numerics.fp8_exclude`) it runs as FP8 GEMMs (delayed scaling by the amax `history` of this
+  call site, if any); else in the compute dtype, with `preferred_element_type` as jnp.einsum's or, without it,
+  a backward pass of two plain einsums (`_einsum`)."""
   pol = fp8.current(name)
   if pol is not None:
-    y = fp8.einsum(pol, eq, x, w)
+    y = fp8.einsum(pol, eq, x, w, history)
     return y if preferred_element_type is None else y.astype(preferred_element_type)
   if preferred_element_type is not None:
     return jnp.einsum(eq, x, w, preferred_element_type=preferred_element_type)

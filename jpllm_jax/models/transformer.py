@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jpllm_jax.models import layers, mla, moe
+from jpllm_jax.models import fp8, layers, mla, moe
 from jpllm_jax.models.strategy import probe
 from jpllm_jax.models.config import ModelConfig
 from jpllm_jax.models.layers import ParamSpec
@@ -262,8 +262,10 @@ def _remat(cfg: ModelConfig, body):
 
 
 def _cast_layer(p, dtype):
-  """The layer's weights in the compute dtype; the router stays as stored (it computes in float32)."""
-  return {k: v if k == "router" else jax.tree.map(lambda w: w.astype(dtype), v) for k, v in p.items()}
+  """The layer's weights in the compute dtype; the router stays as stored (it computes in float32), and so do the
+  FP8 amax histories (fp8_delayed: models/fp8.py)."""
+  keep = lambda path: path[0].key == "router" or path[-1].key == fp8.HISTORY  # noqa: E731
+  return jax.tree_util.tree_map_with_path(lambda path, w: w if keep(path) else w.astype(dtype), p)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The train state and the sharded train step: micro-batch accumulation, clipping, and the NaN/spike guard.
 
-The state is a plain dict (params, opt_state, step, loss_ema) so orbax saves it as it is. Parameters
-are fp32 master weights; the forward pass runs in `ModelConfig.dtype` (bf16 on accelerators).
+The state is a plain dict (params, opt_state, step, loss_ema, and with `matmul='fp8_delayed'` the FP8 amax
+histories "fp8", models/fp8.py) so orbax saves it as it is. Parameters are fp32 master weights; the forward pass
+runs in `ModelConfig.dtype` (bf16 on accelerators).
 """
 from __future__ import annotations
 
@@ -46,17 +47,21 @@ class StepConfig:
 
 
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array, params=None) -> State:
-  """Parameters (from `rng`, or `params` cast to the master dtype), optimizer state, step and loss EMA."""
+  """Parameters (from `rng`, or `params` cast to the master dtype), optimizer state, step and loss EMA, and for
+  fp8_delayed the (empty) amax histories, outside the params: the optimizer never sees them."""
   if params is None:
     params = models.init(cfg, rng)
   params = jax.tree.map(lambda p: jnp.asarray(p, cfg.numerics.param_dtype), params)
-  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-          "loss_ema": jnp.zeros((), jnp.float32)}
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+           "loss_ema": jnp.zeros((), jnp.float32)}
+  history = fp8.init_history(cfg, params, models.param_axes(cfg))
+  return state if history is None else {**state, "fp8": history}
 
 
 def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
                     rules: Rules = DEFAULT_RULES) -> State:
-  """Shardings of every state leaf: optimizer moments follow their parameter, scalars are replicated."""
+  """Shardings of every state leaf: optimizer moments follow their parameter; scalars and the FP8 amax histories
+  (a few floats per projection) are replicated."""
   param_axes = _stage_divisible_axes(cfg, mesh, models.param_axes(cfg))
   abstract = jax.eval_shape(functools.partial(init_state, cfg, tx), jax.random.key(0))
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -66,8 +71,9 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
   opt_shardings = jax.tree.map(
       lambda axes: NamedSharding(mesh, logical_to_spec(axes, rules)) if axes else replicated, opt_axes,
       is_leaf=is_axes)
-  return {"params": shardings(param_axes, mesh, rules), "opt_state": opt_shardings, "step": replicated,
-          "loss_ema": replicated}
+  out = {"params": shardings(param_axes, mesh, rules), "opt_state": opt_shardings, "step": replicated,
+         "loss_ema": replicated}
+  return out | ({"fp8": jax.tree.map(lambda _: replicated, abstract["fp8"])} if "fp8" in abstract else {})
 
 
 def _stage_divisible_axes(cfg: ModelConfig, mesh: Mesh, axes):
@@ -148,13 +154,13 @@ def loss_and_grads(cfg: ModelConfig, params, batch, *, z_loss: float, micro_batc
 
     def body(acc, mb):
       (_, sums), g = grad_fn(params, mb)
-      return jax.tree.map(jnp.add, acc, (g, sums)), None
+      return (fp8.accumulate(acc[0], g), jax.tree.map(jnp.add, acc[1], sums)), None  # (FP8 amaxes: max)
 
     sums_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], split))[0][1]
     zeros = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
     (grads, sums), _ = jax.lax.scan(body, zeros, split)
   denom = jnp.maximum(sums["tokens"], 1.0)
-  grads = jax.tree.map(lambda g: g / denom, grads)
+  grads = fp8.divide(grads, denom)
   means = {k: v if k == "moe_dropped" else v / denom for k, v in sums.items() if k != "tokens"}
   return {**means, "tokens": sums["tokens"]}, grads
 
@@ -342,13 +348,14 @@ def train_step(state: State, batch: dict[str, jax.Array], *, cfg: ModelConfig, t
   MoE models: the router biases get no optimizer update (`optimizer.make_optimizer` freezes them); they move by
   `router_bias_rate` towards balance from this step's expert load (DeepSeek-V3's auxiliary-loss-free balancing).
   """
+  history = state.get("fp8")  # (the pipeline runs model.matmul=default only: no histories there)
   if pipeline is not None:
     metrics, grads = pipeline_loss_and_grads(cfg, state["params"], batch, mesh=mesh, schedule=pipeline,
                                              z_loss=step_cfg.z_loss, mtp_loss_coef=step_cfg.mtp_loss_coef)
   else:
-    metrics, grads = fp8.train_grads(cfg, state["params"], state["step"], lambda params: loss_and_grads(
+    metrics, grads, history = fp8.train_grads(cfg, state["params"], state["step"], lambda params: loss_and_grads(
         cfg, params, batch, z_loss=step_cfg.z_loss, micro_batches=step_cfg.micro_batches,
-        loss_chunk=step_cfg.loss_chunk, mtp_loss_coef=step_cfg.mtp_loss_coef))
+        loss_chunk=step_cfg.loss_chunk, mtp_loss_coef=step_cfg.mtp_loss_coef), history)
   grad_norm = optax.tree.norm(grads)
   leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
   finite = jnp.isfinite(metrics["loss"]) & jnp.all(leaf_finite)
@@ -370,6 +377,8 @@ def train_step(state: State, batch: dict[str, jax.Array], *, cfg: ModelConfig, t
       "step": state["step"] + 1,
       "loss_ema": jnp.where(bad, ema, new_ema),
   }
+  if history is not None:  # the amax histories move on with every applied step
+    new_state["fp8"] = keep(history, state["fp8"])
   metrics.update(grad_norm=grad_norm, lr=schedule(count), skipped=bad.astype(jnp.int32),
                  nonfinite=(~finite).astype(jnp.int32),
                  first_nonfinite_leaf=jnp.where(jnp.all(leaf_finite), -1, jnp.argmin(leaf_finite)))
