@@ -214,6 +214,8 @@ def test_delayed_history_rolls_in_the_train_state_and_saturates_on_a_jump():
   assert state["fp8"]["layers"]["attn"]["q"][fp8.HISTORY].shape == (LLAMA.n_layers, 2, 3)
   batch, rows = _batch(), []
   for i in range(4):
+    if i == 3:  # the same step without the jump: the reference for the jump's amaxes
+      h_ref = jax.device_get(step(state, batch)[0]["fp8"])
     state, m = step(_jump(state) if i == 3 else state, batch)
     rows.append((jax.device_get(state["fp8"]), jax.device_get(m)))
   (h0, m0), (h1, m1), (h2, m2), (h3, m3) = rows
@@ -223,7 +225,10 @@ def test_delayed_history_rolls_in_the_train_state_and_saturates_on_a_jump():
     np.testing.assert_array_equal(b[:, 1], a[:, 0])  # rolled: row 1 holds the previous step's row 0
     np.testing.assert_array_equal(c[:, 1], b[:, 0])
   q_x = lambda h: h["layers"]["attn"]["q"][fp8.HISTORY][:, 0, 0]  # noqa: E731  (newest amax of q's input)
-  np.testing.assert_allclose(q_x(h3), 100 * q_x(h2), rtol=0.05)
+  # layer 0's q input is exactly 100x the unjumped step's (bf16 rounding aside); deeper layers see layer 0's
+  # changed output as well, so only a large jump is certain there.
+  np.testing.assert_allclose(q_x(h3)[0], 100 * q_x(h_ref)[0], rtol=0.02)
+  assert np.all(q_x(h3) > 10 * q_x(h_ref)), (q_x(h3), q_x(h_ref))
   assert m1["fp8_overflow"] == 0  # current scaling (empty history) cannot saturate
   assert m3["fp8_overflow"] > 0.05 and m3["fp8_overflow"] > 100 * m2["fp8_overflow"], (m2, m3)
 
