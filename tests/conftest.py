@@ -1,7 +1,8 @@
 """Shared test fixtures: tiny configs of every family and the path to the shared data.
 
-The shared data (`../shared/data`, or `$JPLLM_SHARED_DATA`) is required: without it the session stops at the
-start with one message naming the path, instead of tests skipping or failing one by one."""
+Every test process compiles with `fake_devices.COMPILE_FLAGS` (put in XLA_FLAGS here, before any backend starts;
+subprocesses inherit it). The shared data (`../shared/data`, or `$JPLLM_SHARED_DATA`) is required: without it the
+session stops at the start with one message naming the path, instead of tests skipping or failing one by one."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,10 @@ import pathlib
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
+
+from fake_devices import COMPILE_FLAGS  # noqa: E402
+
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {COMPILE_FLAGS}".strip()
 
 from jpllm_jax.models import gpt, llama, mistral, qwen2  # noqa: E402
 

@@ -11,7 +11,7 @@ import pytest
 from fake_devices import run_bounded, run_on_fake_devices
 
 SCRIPT = textwrap.dedent("""
-    from fake_devices import rel_diff
+    from fake_devices import packed_batch, rel_diff
     import functools, jax, numpy as np
     from jpllm_jax import models
     from jpllm_jax.parallel import DEFAULT_RULES, axis_rules, make_mesh
@@ -30,17 +30,13 @@ SCRIPT = textwrap.dedent("""
                                   rope_type="default", rope_scaling=(), moe_aux_loss_coef=1e-2),
         "mixtral": models.preset("mixtral-8x7b", **tiny, n_layers=2, n_kv_heads=2, router_z_loss_coef=1e-3),
     }
-    seg = np.ones((B, T), np.int32); seg[:, T // 2:] = 2; seg[0, -3:] = 0
-    w = (seg > 0).astype(np.float32); w[:, T // 2 - 1] = 0
-    pos = np.concatenate([np.arange(T // 2)] * 2)[None].repeat(B, 0).astype(np.int32)
     tx, schedule = make_optimizer(1e-3, 1, 10)
 
 
     layouts = {"deepseek": [{"expert": 8}, {"data": 2, "expert": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}],
                "mixtral": [{"fsdp": 2, "expert": 4}]}
     for name, cfg in cfgs.items():
-      batch = dict(inputs=rng.integers(0, 128, (B, T)).astype(np.int32),
-                   targets=rng.integers(0, 128, (B, T)).astype(np.int32), segment_ids=seg, positions=pos, weights=w)
+      batch = packed_batch(rng, 128, B, T, pad=3)
       ref = None
       for sizes in [{"data": 1}] + layouts[name]:
         devices = jax.devices()[:1] if sizes == {"data": 1} else jax.devices()

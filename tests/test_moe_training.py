@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import moe_tiny
+from fake_devices import packed_batch
 from jpllm_jax import models
 from jpllm_jax.models import moe
 from jpllm_jax.parallel import make_mesh
@@ -17,7 +18,7 @@ from jpllm_jax.tokenizer import mistral_v1_path
 from jpllm_jax.train import flops
 from jpllm_jax.train.loop import train
 from jpllm_jax.train.optimizer import make_optimizer
-from jpllm_jax.train.step import StepConfig, init_state, loss_and_grads, make_train_step
+from jpllm_jax.train.step import StepConfig, init_state, loss_and_grads, make_train_step, state_shardings
 
 TINY = models.preset("deepseek-v3", vocab_size=128, d_model=32, n_heads=4, d_ff=48, max_seq_len=64, n_layers=2,
                      q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
@@ -25,16 +26,8 @@ TINY = models.preset("deepseek-v3", vocab_size=128, d_model=32, n_heads=4, d_ff=
                      mtp_depth=1, rope_type="default", rope_scaling=(), init_std=0.3)
 
 
-def _batch(cfg, b=4, t=16, seed=0):
-  rng = np.random.default_rng(seed)
-  seg = np.ones((b, t), np.int32)
-  seg[:, t // 2:] = 2
-  seg[0, -3:] = 0
-  w = (seg > 0).astype(np.float32)
-  w[:, t // 2 - 1] = 0
-  return dict(inputs=rng.integers(0, cfg.vocab_size, (b, t)).astype(np.int32),
-              targets=rng.integers(0, cfg.vocab_size, (b, t)).astype(np.int32), segment_ids=seg,
-              positions=np.concatenate([np.arange(t // 2)] * 2)[None].repeat(b, 0).astype(np.int32), weights=w)
+def _batch(cfg):
+  return packed_batch(np.random.default_rng(0), cfg.vocab_size, batch=4, length=16, pad=3)
 
 
 def test_bias_updates_move_a_skewed_router_toward_uniform_load():
@@ -75,12 +68,15 @@ def test_train_step_moves_router_bias_by_the_rule_not_the_optimizer():
   tx, schedule = make_optimizer(1e-2, 1, 10)
   step_cfg = StepConfig(router_bias_rate=0.01, mtp_loss_coef=0.3)
   mesh = make_mesh({"data": 1}, jax.devices()[:1])
-  state = jax.jit(lambda key: init_state(cfg, tx, key))(jax.random.key(0))
+  # On the step's shardings: a state without them would make the second step trace and compile again.
+  init = jax.jit(lambda key: init_state(cfg, tx, key), out_shardings=state_shardings(cfg, tx, mesh))
+  state = init(jax.random.key(0))
   before = jax.tree.map(np.asarray, state["params"])
   batch = _batch(cfg)
   step = make_train_step(cfg, tx, schedule, step_cfg, mesh)
   state, metrics = step(state, batch)
   state, metrics = step(state, batch)  # lr > 0 from step 2
+  assert step._cache_size() == 1
   load = np.asarray(metrics["expert_load"])  # rows: the MoE layer, then the MTP block
   assert cfg.n_routed_layers == cfg.n_moe_layers + 1 == 2
   assert load.shape == (cfg.n_routed_layers, cfg.moe.n_experts) and np.allclose(load.sum(-1), 1.0)

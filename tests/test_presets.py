@@ -2,6 +2,7 @@
 and its scaled-down twin training a few steps on CPU."""
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -14,7 +15,7 @@ from jpllm_jax import models
 from jpllm_jax.models.presets import twin
 from jpllm_jax.train import flops
 from jpllm_jax.train.optimizer import make_optimizer
-from jpllm_jax.train.step import StepConfig, init_state, make_train_step
+from jpllm_jax.train.step import StepConfig, init_state, make_train_step, state_shardings
 
 # Published totals (embeddings counted): HF model cards' safetensors counts and papers.
 PUBLISHED = {
@@ -103,7 +104,10 @@ def test_twin_trains(cfg):
   mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1, 1), ("data", "stage", "fsdp", "expert", "tensor"))
   tx, schedule = make_optimizer(1e-2, 0, 10, kinds=models.transformer.param_kinds(cfg))
   step = make_train_step(cfg, tx, schedule, StepConfig(), mesh)
-  state = init_state(cfg, tx, jax.random.key(0))
+  # Initialised on the step's shardings: an eagerly built state's arrays carry no mesh, and the second call (on
+  # the step's outputs) would trace and compile the step again.
+  state = jax.jit(functools.partial(init_state, cfg, tx), out_shardings=state_shardings(cfg, tx, mesh))(
+      jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 33), 0, cfg.vocab_size)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": jnp.ones((2, 32), jnp.int32),
            "positions": jnp.broadcast_to(jnp.arange(32, dtype=jnp.int32), (2, 32)),
@@ -113,3 +117,4 @@ def test_twin_trains(cfg):
     state, m = step(state, batch)
     losses.append(float(m["loss"]))
   assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+  assert step._cache_size() == 1  # one trace and compile for the four steps

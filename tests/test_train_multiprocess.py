@@ -12,6 +12,7 @@ import time
 import pytest
 
 from conftest import REPO
+from fake_devices import xla_flags
 from jpllm_jax.tokenizer import mistral_v1_path
 from jpllm_jax.train.loop import train
 
@@ -39,7 +40,7 @@ def _free_port() -> int:
 def _launch(workdir, flags: list[str]) -> list[subprocess.Popen]:
   """Two `experiments.train` processes of one run on this host."""
   port = _free_port()
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices=1)}
   return [subprocess.Popen(
       [sys.executable, "-m", "experiments.train", "--config=experiments/configs/default.py", f"--workdir={workdir}",
        f"--coordinator=localhost:{port}", "--num_processes=2", f"--process_id={i}", *flags],

@@ -6,10 +6,10 @@ import textwrap
 
 import pytest
 
-from fake_devices import run_on_fake_devices
+from fake_devices import run_on_fake_devices, xla_flags
 
 SCRIPT = textwrap.dedent("""
-    from fake_devices import rel_diff
+    from fake_devices import packed_batch, rel_diff
     import functools, jax, numpy as np
     from jpllm_jax import models
     from jpllm_jax.models import llama, gpt
@@ -17,16 +17,6 @@ SCRIPT = textwrap.dedent("""
     from jpllm_jax.train.optimizer import make_optimizer
     from jpllm_jax.train.step import (StepConfig, batch_sharding, init_state, loss_and_grads, make_train_step,
                                       pipeline_loss_and_grads, pipeline_schedule, state_shardings)
-
-    rng = np.random.default_rng(0)
-    B, T = 8, 16
-    def batch_for(vocab):
-      seg = np.ones((B, T), np.int32); seg[:, T // 2:] = 2; seg[0, -5:] = 0  # two packed docs + padding
-      pos = np.concatenate([np.arange(T // 2)] * 2)[None].repeat(B, 0).astype(np.int32)
-      w = (seg > 0).astype(np.float32); w[:, T // 2 - 1] = 0
-      return dict(inputs=rng.integers(0, vocab, (B, T)).astype(np.int32),
-                  targets=rng.integers(0, vocab, (B, T)).astype(np.int32),
-                  segment_ids=seg, positions=pos, weights=w)
 
     tiny = dict(vocab_size=64, d_model=32, n_layers=8, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=32)
     MODELS = {"llama": llama.llama3(**tiny, rope_type="default", rope_scaling=()),
@@ -59,11 +49,15 @@ SCRIPT = textwrap.dedent("""
       return ([float(m[k]) for k in keys] + [float(m2["loss"])], jax.tree.map(np.asarray, g),
               jax.tree.map(np.asarray, state["params"]), np.asarray(m.get("expert_load", 0.0)))
 
+    REFS = {}  # the one-device runs, shared by the cases of a model (same batch, same reference micro-batches)
     def check(name, sizes, pipeline="1f1b", micro=4, virtual=1):
       cfg = MODELS[name]
-      batch = batch_for(cfg.vocab_size)
+      batch = packed_batch(np.random.default_rng(0), cfg.vocab_size)
       # MoE statistics are per micro-batch: the reference accumulates the same micro-batches on one device.
-      ref = run(cfg, {"data": 1}, StepConfig(micro_batches=micro if cfg.moe.n_experts else 1), batch)
+      ref_micro = micro if cfg.moe.n_experts else 1
+      if (name, ref_micro) not in REFS:
+        REFS[name, ref_micro] = run(cfg, {"data": 1}, StepConfig(micro_batches=ref_micro), batch)
+      ref = REFS[name, ref_micro]
       got = run(cfg, sizes, StepConfig(micro_batches=micro, pipeline=pipeline, virtual_stages=virtual), batch)
       dl = max(abs(a - b) / abs(b) for a, b in zip(got[0], ref[0]))
       dg, dp, dload = rel_diff(got[1], ref[1]), rel_diff(got[2], ref[2]), float(np.abs(got[3] - ref[3]).max())
@@ -82,23 +76,13 @@ def _run(cases: str) -> None:
 
 
 @pytest.mark.slow
-def test_pipelined_step_stage8_and_stage4_data2():
+def test_pipelined_steps_equal_one_device():
+  """1F1B over 8 stages, GPipe and interleaved (V=2) over stage 4 x data 2, and 1F1B over stage 2 x fsdp 2 x
+  tensor 2 (the GPT block): one subprocess, the one-device reference of each model computed once."""
   _run("""
     check("llama", {"stage": 8}, "1f1b", micro=8)
     check("llama", {"stage": 4, "data": 2}, "gpipe")
-    """)
-
-
-@pytest.mark.slow
-def test_pipelined_step_interleaved():
-  _run("""
     check("llama", {"stage": 4, "data": 2}, "interleaved", micro=4, virtual=2)
-    """)
-
-
-@pytest.mark.slow
-def test_pipelined_step_with_fsdp_and_tensor():
-  _run("""
     check("gpt", {"stage": 2, "fsdp": 2, "tensor": 2}, "1f1b")
     """)
 
@@ -134,7 +118,7 @@ def test_experiments_train_stage4_data2_gives_the_one_device_losses(tmp_path, mo
   procs = {}
   for name, devices, extra in (("one", 1, {}), ("pipelined", 8, {"mesh.stage": 4, "mesh.data": 2,
                                                                    "train.micro_batches": 4})):
-    monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count={devices}")
+    monkeypatch.setenv("XLA_FLAGS", xla_flags(devices))
     procs[name] = launch_train(tmp_path / name, {**run, **extra})
   for name, proc in procs.items():
     out = proc.communicate(timeout=900)[0]

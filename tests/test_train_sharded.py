@@ -7,7 +7,7 @@ import textwrap
 from fake_devices import run_on_fake_devices
 
 SCRIPT = textwrap.dedent("""
-    from fake_devices import rel_diff
+    from fake_devices import packed_batch, rel_diff
     import functools, jax, jax.numpy as jnp, numpy as np
     from jpllm_jax.models import llama, gpt
     from jpllm_jax.parallel import DEFAULT_RULES, axis_rules, make_mesh
@@ -17,15 +17,6 @@ SCRIPT = textwrap.dedent("""
 
     assert jax.device_count() == 8
     rng = np.random.default_rng(0)
-    B, T = 8, 32
-    def batch_for(vocab):
-      seg = np.ones((B, T), np.int32); seg[:, T // 2:] = 2; seg[0, -5:] = 0  # two packed docs + padding
-      pos = np.concatenate([np.arange(T // 2)] * 2)[None].repeat(B, 0).astype(np.int32)
-      w = (seg > 0).astype(np.float32); w[:, T // 2 - 1] = 0
-      return dict(inputs=rng.integers(0, vocab, (B, T)).astype(np.int32),
-                  targets=rng.integers(0, vocab, (B, T)).astype(np.int32),
-                  segment_ids=seg, positions=pos, weights=w)
-
     tiny = dict(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=64)
     models_ = {"llama": llama.llama3(**tiny, rope_type="default", rope_scaling=()),
                "gpt": gpt.gpt(**{**tiny, "n_kv_heads": 4})}
@@ -35,7 +26,7 @@ SCRIPT = textwrap.dedent("""
 
 
     for name, cfg in models_.items():
-      batch = batch_for(cfg.vocab_size)
+      batch = packed_batch(rng, cfg.vocab_size, length=32)
       ref = None
       # Every layout for llama; the GPT block (biases, LayerNorm, tied head) on the 3-axis layout.
       runs = [(l, 1) for l in layouts] + [({"fsdp": 4, "tensor": 2}, 4)] if name == "llama" else [(layouts[3], 2)]

@@ -3,6 +3,8 @@
 #   qemu/     Debian's qemu-user-static (amd64), unpacked: qemu/usr/bin/qemu-aarch64-static
 #   sysroot/  an aarch64 Python 3.11 and the libraries it loads, unpacked from Debian's arm64 packages
 #   site/     aarch64 wheels (jax/jaxlib and the repo's runtime deps at the versions installed on this host)
+#   pyc.done  site/ and sysroot's standard library compiled to bytecode natively (when this host's Python is 3.11,
+#             the emulated one's version): otherwise qemu compiles every module the smoke run imports, every run
 # Needs root for `dpkg --add-architecture arm64` and `apt-get update` (done once). Idempotent: a finished part
 # leaves a stamp file and is skipped next time.
 set -euo pipefail
@@ -42,6 +44,7 @@ if [ ! -e sysroot/.done ]; then
   # shellcheck disable=SC2086
   (cd debs-arm64 && download $(for p in $ARM_PKGS; do
       case $p in media-types) echo $p;; *) echo "$p:arm64";; esac; done))
+  rm -f pyc.done
   for d in debs-arm64/*.deb; do dpkg -x "$d" sysroot; done
   test -x sysroot/usr/bin/python3.11
   touch sysroot/.done
@@ -49,7 +52,7 @@ fi
 
 if [ ! -e site/.done ]; then
   log "aarch64 wheels"
-  rm -rf site && mkdir -p site
+  rm -rf site pyc.done && mkdir -p site
   python -m pip freeze --exclude-editable | grep -v -e '^-e ' -e ' @ ' > constraints.txt
   python -m pip install -q --disable-pip-version-check --no-compile \
     --platform manylinux_2_27_aarch64 --platform manylinux2014_aarch64 --platform manylinux_2_17_aarch64 \
@@ -57,5 +60,11 @@ if [ ! -e site/.done ]; then
     -c constraints.txt --target site "jax==$(python -c 'import jax; print(jax.__version__)')" jaxlib flax optax \
     2> >(grep -v -e "is ignored: it is neither a file nor a directory" -e "Running pip as the 'root' user" >&2)
   touch site/.done
+fi
+if [ ! -e pyc.done ] && python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  log "bytecode of site/ and the aarch64 standard library"
+  # A file that does not compile (the standard library's deliberately broken test inputs) is left to the run.
+  python -m compileall -q -j 0 site sysroot/usr/lib/python3.11 >/dev/null 2>&1 || true
+  touch pyc.done
 fi
 log "ready: $CACHE"
