@@ -83,3 +83,17 @@ def test_analytic_model_without_libtpu():
   params, opt = memory_model.state_bytes(cfg, {"data": 1, "stage": 1, "fsdp": 8, "expert": 1, "tensor": 1},
                                          preflight.with_rule_overrides(None))
   assert opt == pytest.approx(2 * params, rel=1e-6)
+
+
+def test_model_fields_override_the_preset_on_the_analytic_path():
+  """Any scalar ModelConfig field is a --config.model override (fewer layers: less memory per device); a
+  misspelt one is refused by the flag parser."""
+  env = dict(os.environ, JAX_PLATFORMS="", PYTHONPATH=REPO)
+  run = lambda *a: subprocess.run([sys.executable, "-m", "experiments.preflight", "--preset=llama2-7b",  # noqa: E731
+                                   "--topology=h100x8", *a], env=env, cwd=REPO, capture_output=True, text=True,
+                                  timeout=300)
+  full, small, bad = run(), run("--config.model.n_layers=2"), run("--config.model.n_layrs=2")
+  assert full.returncode == 0 and small.returncode == 0, (full.stderr[-2000:], small.stderr[-2000:])
+  last = lambda proc: json.loads(proc.stdout.strip().splitlines()[-1])  # noqa: E731
+  assert last(small)["per_device_bytes"] < 0.2 * last(full)["per_device_bytes"]
+  assert bad.returncode != 0 and "n_layrs" in bad.stderr
