@@ -52,12 +52,17 @@ def quantize_blocks(w: jax.Array, dtype=E4M3) -> tuple[jax.Array, jax.Array]:
   return q, jnp.repeat(s, TILE, axis=1)
 
 
+def tensor_amax(x: jax.Array) -> jax.Array:
+  """The per-tensor amax max |x| in FP32 (current scaling's, and what delayed scaling records)."""
+  return jnp.max(jnp.abs(x)).astype(jnp.float32)
+
+
 def quantize_tensor(x: jax.Array, dtype=E4M3, *, lhs: bool, amax: jax.Array | None = None
                     ) -> tuple[jax.Array, jax.Array]:
   """One scale for the whole tensor, broadcast to the lhs ([M, K/128]) or rhs ([K/128, N]) scale layout; from
   x's own amax, or from a given `amax` (delayed scaling: elements beyond it saturate at the FP8 maximum; a given
   amax of 0, none recorded yet, stands for x's own)."""
-  own = jnp.max(jnp.abs(x)).astype(jnp.float32)
+  own = tensor_amax(x)
   s = _scale(own if amax is None else jnp.where(amax > 0, amax, own), dtype)
   m, n = x.shape
   shape = (m, n // TILE) if lhs else (m // TILE, n)

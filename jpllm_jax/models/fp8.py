@@ -182,10 +182,6 @@ def _counts(x: jax.Array, scaling: str, layout: str, amax: jax.Array | None = No
   return jnp.stack([saturated, flushed, m * k]).astype(jnp.float32)
 
 
-def _amax(x: jax.Array) -> jax.Array:
-  return jnp.max(jnp.abs(x)).astype(jnp.float32)
-
-
 def _delayed_amax(history: jax.Array | None) -> tuple[jax.Array, ...] | None:
   """The amaxes (x, w, dy) a call scales by: their maxima over the history (0: none yet, so the current one)."""
   return None if history is None else tuple(jnp.max(history, axis=0))
@@ -220,7 +216,7 @@ def _tap_bwd(scaling, backend, res, dy):
   dx, dw = jax.vjp(_gemm(scaling, backend, history), x, w)[1](dy)
   d_history = counts = None
   if history is not None:
-    d_history = jnp.zeros_like(history).at[0].set(jnp.stack([_amax(x), _amax(w), _amax(dy)]))
+    d_history = jnp.zeros_like(history).at[0].set(jnp.stack([fp8_quant.tensor_amax(t) for t in (x, w, dy)]))
   if probe is not None:
     ax, aw, ady = _delayed_amax(history) or (None, None, None)
     counts = _counts(x, scaling, "rows", ax) + _counts(w, scaling, "blocks", aw) + _counts(dy, scaling, "rows", ady)
