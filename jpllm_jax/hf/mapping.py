@@ -2,9 +2,9 @@
 
 A table row is (HF tensor name, our parameter path(s), layout). `{i}` in a name is the layer index; such
 rows fill one slice of our stacked `layers` arrays. A row whose parameter the config does not have (a
-bias, the untied head) is simply not expected. Rows written for `layers.` serve both of our stacks: HF
-layer i is `layers[i]` for the first `n_dense_layers` and `layers_moe[i - n_dense_layers]` after them;
-rows written for `layers_moe.` only the MoE stack. `{e}` is the expert index: a checkpoint stores one tensor
+bias, the untied head) is simply not expected. Rows written for `layers.` serve every stack of
+`models.stacks` (HF layer i is row i - first of the stack that holds it: `layers`, `layers_moe`, the MTP
+blocks), rows written for `layers_moe.` only the routed stacks. `{e}` is the expert index: a checkpoint stores one tensor
 per expert (transformers 5 fuses them in memory but saves them so), our `[L, E, ...]` arrays one slice each.
 The layout says how the HF tensor is laid out:
 
@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from jpllm_jax.models import stacks
 from jpllm_jax.models.config import ModelConfig, make, rope_scaling_tuple
 
 
@@ -233,11 +234,12 @@ def tensor_table(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[s
       if all(p in shapes for p in row.ours):
         names[row.hf] = Tensor(row, row.ours, (), tuple(shapes[p] for p in row.ours))
       continue
-    for stack, first in (("layers", 0), ("layers_moe", cfg.n_dense_layers), ("mtp.block", cfg.n_layers)):
+    for stack in stacks.stacks(cfg):
+      first = stack.first
       paths = tuple(_in_stack(p, stack) for p in row.ours)
       if not all(p in shapes for p in paths):
         continue
-      for i in range(shapes[paths[0]][0]):
+      for i in range(stack.n):
         for e in range(cfg.moe.n_experts) if "{e}" in row.hf else [None]:
           index = (i,) if e is None else (i, e)
           names[row.hf.format(i=first + i, e=e)] = Tensor(row, paths, index,
@@ -252,13 +254,14 @@ def tensor_table(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[s
   return names
 
 
-def _in_stack(path: str, stack: str) -> str | None:
-  """A `layers.` row's path in `stack`; a `layers_moe.` row's path only in the MoE stack; both in the
-  multi-token-prediction blocks (`mtp.block`, whose layers are MoE layers in a MoE model)."""
+def _in_stack(path: str, stack: stacks.Stack) -> str | None:
+  """The table's per-layer path (written for `layers.` or, for the MoE rows, `layers_moe.`) in `stack`: a
+  `layers.` row's in every stack, a `layers_moe.` row's only in the routed ones (`layers_moe`, and the MTP blocks
+  of a MoE model); None for a row that is not per-layer."""
   head, _, rest = path.partition(".")
-  if head == "layers" or (head == "layers_moe" and stack == "mtp.block"):
-    return f"{stack}.{rest}"
-  return path if head == stack else None
+  if head == "layers" or (head == "layers_moe" and stack.moe):
+    return f"{stack.key}.{rest}"
+  return None
 
 
 def checkpoint_name(cfg: ModelConfig, name: str, expected: dict[str, Tensor]) -> str | None:

@@ -6,12 +6,13 @@
 `forward` is the entry point for every family; the family files hold presets of published models.
 Mixture-of-experts models return their auxiliary losses with `forward(..., return_aux=True)` (see `hidden`);
 `moe.update_router_biases` and `moe.trainable_mask` serve DeepSeek-V3's auxiliary-loss-free balancing.
+`stacks.stacks(cfg)` describes the stacks of layers (`layers`, `layers_moe`, the MTP blocks) for every reader.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from jpllm_jax.models import deepseek, gpt, llama, mistral, mixtral, moe, qwen2
+from jpllm_jax.models import deepseek, gpt, llama, mistral, mixtral, moe, qwen2, stacks
 from jpllm_jax.models.config import ModelConfig
 from jpllm_jax.models.loss import cross_entropy, fused_cross_entropy, token_log_probs
 from jpllm_jax.models.transformer import (Context, context, embed, forward, forward_cached, head, hidden, init,
@@ -38,4 +39,4 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 __all__ = ["Context", "ModelConfig", "PRESETS", "context", "cross_entropy", "embed", "forward", "forward_cached",
            "fused_cross_entropy", "head", "hidden", "init", "init_cache", "moe", "mtp_hidden", "param_axes",
-           "param_shapes", "param_specs", "preset", "run_stack", "token_log_probs"]
+           "param_shapes", "param_specs", "preset", "run_stack", "stacks", "token_log_probs"]

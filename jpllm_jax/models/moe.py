@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from flax import traverse_util
 
-from jpllm_jax.models import layers, strategy
+from jpllm_jax.models import layers, stacks, strategy
 from jpllm_jax.models.config import ModelConfig
 from jpllm_jax.models.layers import ParamSpec
 from jpllm_jax.moe.ops import moe_ffn
@@ -152,7 +152,9 @@ def update_router_bias(bias, load, gamma: float):
   return (bias.astype(jnp.float32) + step).astype(bias.dtype)
 
 
-ROUTED_STACKS = (("layers_moe",), ("mtp", "block"))  # the params' stacks of routed layers, in "expert_load" order
+# The params' stacks that may hold routed layers (models/stacks.py), in "expert_load" order; which of them do is
+# read off the params (a router kernel), so these updates need no config.
+ROUTED_STACKS = tuple(path for name, path in stacks.PATHS if name != "layers")
 
 
 def update_router_biases(params, load, gamma: float):

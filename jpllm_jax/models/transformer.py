@@ -4,10 +4,11 @@ Parameters are a plain nested dict of arrays. The layers are stacked on a leadin
 with `jax.lax.scan`, so compile time does not grow with depth. `param_specs` is the single table of
 every weight's shape, logical axes and initialiser; `init` and `param_axes` are both read off it.
 
-Stacks: `layers` holds the layers with the dense MLP (all of them in a dense model); a mixture-of-experts
-model puts its MoE layers (moe.py) in a second stack `layers_moe`, after the first `first_k_dense` dense
-ones. Attention is grouped-query attention or, with `attention="mla"`, DeepSeek's latent attention (mla.py).
-`mtp` holds the optional multi-token-prediction blocks.
+Stacks (described in stacks.py, which every reader follows): `layers` holds the layers with the dense MLP (all
+of them in a dense model); a mixture-of-experts model puts its MoE layers (moe.py) in a second stack `layers_moe`,
+after the first `first_k_dense` dense ones; `mtp` holds the optional multi-token-prediction modules, whose blocks
+are a third stack. Attention is grouped-query attention or, with `attention="mla"`, DeepSeek's latent attention
+(mla.py).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jpllm_jax.models import fp8, layers, mla, moe
+from jpllm_jax.models import fp8, layers, mla, moe, stacks
 from jpllm_jax.models.strategy import probe
 from jpllm_jax.models.config import ModelConfig
 from jpllm_jax.models.layers import ParamSpec
@@ -37,10 +38,6 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
       "embed": {"embedding": ParamSpec((V, D), ("vocab", "embed"), "normal")},
       "final_norm": _norm_specs(cfg),
   }
-  if cfg.n_dense_layers:
-    specs["layers"] = _layer_specs(cfg, cfg.n_dense_layers, moe_layer=False)
-  if cfg.n_moe_layers:
-    specs["layers_moe"] = _layer_specs(cfg, cfg.n_moe_layers, moe_layer=True)
   if cfg.learned_positions:
     specs["pos_embed"] = {"embedding": ParamSpec((cfg.max_seq_len, D), (None, "embed"), "normal")}
   if not cfg.tie_embeddings:
@@ -48,7 +45,9 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
   if M:  # DeepSeek-V3 MTP modules: norms of the embedding and the hidden state, their projection, a block, a norm.
     specs["mtp"] = {"enorm": _norm_specs(cfg, M), "hnorm": _norm_specs(cfg, M),
                     "proj": {"kernel": ParamSpec((M, 2 * D, D), ("layers", None, "embed"), "normal")},
-                    "block": _layer_specs(cfg, M, moe_layer=cfg.moe.n_experts > 0), "norm": _norm_specs(cfg, M)}
+                    "norm": _norm_specs(cfg, M)}
+  for s in stacks.stacks(cfg):  # the layer stacks (the MTP blocks: "mtp"/"block")
+    stacks.put(specs, s, _layer_specs(cfg, s.n, moe_layer=s.moe))
   return specs
 
 
@@ -354,10 +353,10 @@ def hidden(cfg: ModelConfig, params: Params, tokens, *, positions=None, segment_
   ctx = context(cfg, tokens, positions, segment_ids)
   x = embed(cfg, params, tokens, ctx.positions)
   stats = None
-  if "layers" in params:
-    x, _ = run_stack(cfg, params["layers"], x, ctx)
-  if "layers_moe" in params:
-    x, stats = run_stack(cfg, params["layers_moe"], x, ctx, with_stats=return_aux)
+  for s in stacks.main_stacks(cfg):
+    x, s_stats = run_stack(cfg, stacks.get(params, s), x, ctx, with_stats=return_aux and s.moe)
+    if s_stats is not None:
+      stats = s_stats if stats is None else _concat_stats(stats, s_stats)
   out = layers.norm(cfg, params["final_norm"], x)
   if not return_aux:
     return out
@@ -366,12 +365,17 @@ def hidden(cfg: ModelConfig, params: Params, tokens, *, positions=None, segment_
   if cfg.mtp.depth:
     aux["mtp_hidden"], mtp_stats = _mtp(cfg, params, tokens, x, ctx)
     if mtp_stats is not None:
-      stats = mtp_stats if stats is None else jax.tree.map(lambda a, b: jnp.concatenate([a, b]), stats, mtp_stats)
+      stats = mtp_stats if stats is None else _concat_stats(stats, mtp_stats)
   if stats is not None:
     aux.update(moe_aux_loss=cfg.moe.moe_aux_loss_coef * jnp.mean(stats["balance_loss"]),
                router_z_loss=cfg.moe.router_z_loss_coef * jnp.mean(stats["z_loss"]),
                expert_load=stats["expert_load"], moe_dropped=jnp.sum(stats["dropped"]))
   return out, aux
+
+
+def _concat_stats(a, b):
+  """MoE statistics of two routed stacks, stacked over their layers in `stacks` order."""
+  return jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
 
 
 def mtp_hidden(cfg: ModelConfig, params: Params, tokens, h, ctx: Context):
@@ -391,7 +395,7 @@ def _mtp(cfg: ModelConfig, params: Params, tokens, h, ctx: Context):
   mask = ctx.mask(cfg)
   outs, stats = [], []
   for k in range(cfg.mtp.depth):
-    p = jax.tree.map(lambda a, k=k: a[k], params["mtp"])
+    p = jax.tree.map(lambda a, k=k: a[k], params["mtp"])  # module k; its block is the `mtp` stack's row k
     ahead = jnp.pad(tokens[:, k + 1:], ((0, 0), (0, k + 1)))
     e = layers.norm(cfg, p["enorm"], embed(cfg, params, ahead, ctx.positions))
     z = jnp.concatenate([e, layers.norm(cfg, p["hnorm"], h)], axis=-1)
@@ -458,14 +462,12 @@ def forward_cached(cfg: ModelConfig, params: Params, tokens, cache: dict[str, ja
     return x, (written["a"], written["b"])
 
   names = _cache_names(cfg)
-  stacks = [(s, n) for s, n in (("layers", cfg.n_dense_layers), ("layers_moe", cfg.n_moe_layers)) if n]
-  if len(stacks) == 1:  # the whole cache is one stack's: no slicing, no copy.
-    x, written = jax.lax.scan(body, x, (params[stacks[0][0]], cache[names[0]], cache[names[1]]))
-  else:
-    nd = cfg.n_dense_layers
-    x, dense = jax.lax.scan(body, x, (params["layers"], cache[names[0]][:nd], cache[names[1]][:nd]))
-    x, sparse = jax.lax.scan(body, x, (params["layers_moe"], cache[names[0]][nd:], cache[names[1]][nd:]))
-    written = tuple(jnp.concatenate([d, s]) for d, s in zip(dense, sparse))
+  parts = []
+  for s in stacks.main_stacks(cfg):  # the cache's layer axis spans the main stacks, in order.
+    rows = slice(None) if s.n == cfg.n_layers else slice(s.first, s.first + s.n)  # one stack: no slice, no copy
+    x, w = jax.lax.scan(body, x, (stacks.get(params, s), cache[names[0]][rows], cache[names[1]][rows]))
+    parts.append(w)
+  written = parts[0] if len(parts) == 1 else tuple(jnp.concatenate(w) for w in zip(*parts))
   if last_only:
     x = x[:, -1:]
   logits = _logits(cfg, params, layers.norm(cfg, params["final_norm"], x), dtype)

@@ -16,6 +16,7 @@ from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 
+from jpllm_jax.models import stacks
 from jpllm_jax.models.config import ModelConfig
 from jpllm_jax.parallel.logical import Rules, logical_to_spec
 
@@ -106,7 +107,7 @@ def check_model_fits_mesh(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_R
   table = dict(rules)
   dims = [("heads", cfg.attention.n_heads), ("kv_heads", cfg.attention.num_heads_kv), ("vocab", cfg.vocab_size),
           ("embed", cfg.d_model)]  # layers over `stage`: train.step.pipeline_schedule checks them.
-  if cfg.n_dense_layers:
+  if any(not s.moe for s in stacks.stacks(cfg)):  # a stack with the dense MLP
     dims.append(("mlp", cfg.d_ff))
   if cfg.moe.n_experts:  # the experts' width, the shared experts' width and the expert count.
     dims += [("mlp", cfg.expert_d_ff), ("mlp", cfg.moe.n_shared_experts * cfg.expert_d_ff),

@@ -8,6 +8,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from jpllm_jax.models import stacks
 from jpllm_jax.models.config import ModelConfig
 
 
@@ -37,10 +38,12 @@ def matmul_params(cfg: ModelConfig) -> int:
   """Parameters that take part in a token's matmuls: every projection (for MoE layers the router and the
   selected and shared experts only), the output head, and the MTP modules; not the embedding lookup."""
   attn = _attention_params(cfg)
-  layers = cfg.n_dense_layers * (attn + _ffn_params(cfg, False)) + cfg.n_moe_layers * (attn + _ffn_params(cfg, True))
   head = cfg.d_model * cfg.vocab_size
-  mtp = cfg.mtp.depth * (2 * cfg.d_model * cfg.d_model + attn + _ffn_params(cfg, cfg.moe.n_experts > 0) + head)
-  return layers + head + mtp
+  total = head
+  for s in stacks.stacks(cfg):  # each MTP module adds its projection and a pass of the shared head
+    extra = 2 * cfg.d_model * cfg.d_model + head if s.name == "mtp" else 0
+    total += s.n * (attn + _ffn_params(cfg, s.moe) + extra)
+  return total
 
 
 def _score_dims(cfg: ModelConfig) -> int:

@@ -35,7 +35,6 @@ from jpllm_jax.parallel.logical import Rules
 from jpllm_jax.train import step as step_lib
 
 BTD = ("batch", "length", "embed")
-STACKS = ("layers", "layers_moe")
 
 
 @dataclasses.dataclass
@@ -255,8 +254,9 @@ def rerun(cfg: ModelConfig, params, batch: dict[str, jax.Array], *, mesh: Mesh, 
 def _micro_batch(pieces: _Pieces, rec: _Recorder, params, b, sums: dict[str, float]) -> dict[str, Any] | None:
   """One micro-batch's pieces, forward then backward, until the first that holds a non-finite value (its site);
   adds the loss terms to `sums`."""
-  shared = {k: v for k, v in params.items() if k not in STACKS}
-  stacks = [(s, int(jax.tree.leaves(params[s])[0].shape[0])) for s in STACKS if s in params]
+  main = models.stacks.main_stacks(pieces.cfg)
+  shared = {k: v for k, v in params.items() if k not in {s.name for s in main}}
+  stacks = [(s.name, s.n) for s in main]
   found = functools.partial(_found, rec)
   layer_params = lambda s, i: jax.tree.map(lambda a: a[i:i + 1], params[s])  # noqa: E731
   fwd, bwd, mtp = pieces.fwd, pieces.bwd, bool(pieces.cfg.mtp.depth)

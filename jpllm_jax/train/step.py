@@ -17,7 +17,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jpllm_jax import models
-from jpllm_jax.models import fp8, layers, moe
+from jpllm_jax.models import fp8, layers, moe, stacks
+from jpllm_jax.models.stacks import Stack
 from jpllm_jax.models import strategy as model_strategy
 from jpllm_jax.models.config import ModelConfig
 from jpllm_jax.moe.ops import moe_ffn
@@ -195,21 +196,20 @@ def _onehot_ce_sums(logits, b):
   return jnp.sum((log_z - target) * w), jnp.sum(jnp.square(log_z) * w), jnp.sum(w)
 
 
-def stage_layout(cfg: ModelConfig, stages: int, virtual: int = 1) -> list[tuple[str, np.ndarray, np.ndarray]]:
-  """The layer -> virtual stage assignment across the stacks: the model's layers in order (`layers`, then
-  `layers_moe`) cut into S x V equal chunks, chunk v run by device v % S. Per stack: (name, index int [S V, w],
-  active bool [S V, w]): chunk v runs rows index[v] of that stack where active (w: the most any chunk has; an
-  uneven stack, e.g. DeepSeek's first dense layers, is padded with inactive rows)."""
-  stacks = [(n, k) for n, k in (("layers", cfg.n_dense_layers), ("layers_moe", cfg.n_moe_layers)) if k]
+def stage_layout(cfg: ModelConfig, stages: int, virtual: int = 1) -> list[tuple[Stack, np.ndarray, np.ndarray]]:
+  """The layer -> virtual stage assignment across the main stacks (`models.stacks`): the model's layers in order
+  cut into S x V equal chunks, chunk v run by device v % S. Per stack: (stack, index int [S V, w], active bool
+  [S V, w]): chunk v runs rows index[v] of that stack where active (w: the most any chunk has; an uneven stack,
+  e.g. DeepSeek's first dense layers, is padded with inactive rows). The MTP blocks run with the loss."""
   chunks = stages * virtual
-  per = sum(k for _, k in stacks) // chunks
-  out, start = [], 0
-  for name, k in stacks:
+  per = cfg.n_layers // chunks
+  out = []
+  for stack in stacks.main_stacks(cfg):
+    k, start = stack.n, stack.first
     lo = np.clip(np.arange(chunks) * per - start, 0, k)
     count = np.clip(np.arange(1, chunks + 1) * per - start, 0, k) - lo
     width = int(count.max())
-    out.append((name, np.minimum(lo[:, None] + np.arange(width), k - 1), np.arange(width) < count[:, None]))
-    start += k
+    out.append((stack, np.minimum(lo[:, None] + np.arange(width), k - 1), np.arange(width) < count[:, None]))
   return out
 
 
@@ -268,19 +268,20 @@ def pipeline_loss_and_grads(cfg: ModelConfig, params, batch, *, mesh: Mesh, sche
   M, S, V = schedule.micro_batches, schedule.stages, schedule.virtual
   split = jax.tree.map(lambda x: x.reshape(M, x.shape[0] // M, *x.shape[1:]), batch)
   layout = stage_layout(cfg, S, V)
-  names = {name for name, _, _ in layout}
+  names = {stack.name for stack, _, _ in layout}  # the main stacks are top-level entries of the params
   shared = {k: v for k, v in params.items() if k not in names}
-  stacks, plain = {}, {}
-  for name, index, active in layout:  # an even single stack runs as it is stored; others are gathered, padded.
+  stage_params, plain = {}, {}
+  for stack, index, active in layout:  # an even single stack runs as it is stored; others are gathered, padded.
+    name, w = stack.name, stacks.get(params, stack)
     plain[name] = active.all() and np.array_equal(index.reshape(-1), np.arange(index.size))
-    stacks[name] = params[name] if plain[name] else jax.tree.map(lambda w: w[index.reshape(-1)], params[name])
+    stage_params[name] = w if plain[name] else jax.tree.map(lambda a: a[index.reshape(-1)], w)
   batch_axes = _pipeline_batch_axes(mesh)
   split_ways = int(np.prod([mesh.shape[a] for a in batch_axes]))
   if (rows := batch["inputs"].shape[0] // M) % split_ways:
     raise ValueError(f"the pipeline's micro-batches of {rows} rows (batch / train.micro_batches) do not split over "
                      f"the {split_ways} devices of mesh axes {batch_axes}; use a batch divisible by {M * split_ways}")
   axes = models.param_axes(cfg)
-  specs = (_expert_specs({k: axes[k] for k in stacks}, batch_axes, True),
+  specs = (_expert_specs({k: axes[k] for k in stage_params}, batch_axes, True),
            _expert_specs({k: axes[k] for k in shared}, batch_axes, False))
 
   def embed_fn(sh, b):
@@ -290,12 +291,13 @@ def pipeline_loss_and_grads(cfg: ModelConfig, params, batch, *, mesh: Mesh, sche
     ctx = models.context(cfg, b["inputs"], b["positions"], b["segment_ids"])
     term, extra = jnp.zeros((), jnp.float32), {}
     with _stage_strategy(batch_axes):
-      for name, index, active in layout:
+      for stack, index, active in layout:
         on = jnp.asarray(active)[v]
-        h, stats = models.run_stack(cfg, p[name], h, ctx, with_stats=name == "layers_moe",
+        h, stats = models.run_stack(cfg, p[stack.name], h, ctx, with_stats=stack.moe,
                                     active=None if active.all() else on)
-        if name == "layers_moe":
-          term, extra = _moe_sums(cfg, stats, jnp.asarray(index)[v], on, jnp.sum(b["weights"].astype(jnp.float32)))
+        if stack.moe:
+          term, extra = _moe_sums(cfg, stats, stack.routed_row + jnp.asarray(index)[v], on,
+                                  jnp.sum(b["weights"].astype(jnp.float32)))
     return h, term, extra
 
   def ce_sums(sh, x, targets, weights):
@@ -317,16 +319,17 @@ def pipeline_loss_and_grads(cfg: ModelConfig, params, batch, *, mesh: Mesh, sche
       mtp_mean = jnp.mean(jnp.stack(mtp))
       total, extra["mtp_loss"] = total + mtp_loss_coef * mtp_mean * n, mtp_mean * n
       if stats is not None:
-        rows = cfg.n_moe_layers + jnp.arange(cfg.mtp.depth)
+        rows = stacks.by_name(cfg, "mtp").routed_row + jnp.arange(cfg.mtp.depth)
         term, moe_extra = _moe_sums(cfg, stats, rows, jnp.ones((cfg.mtp.depth,), bool), n)
         total, extra = total + term, {**extra, **moe_extra}
     return total, n, extra
 
-  loss, aux, (g_stage, g_shared) = pipeline_value_and_grad(stage_fn, embed_fn, loss_fn, stacks, shared, split,
+  loss, aux, (g_stage, g_shared) = pipeline_value_and_grad(stage_fn, embed_fn, loss_fn, stage_params, shared, split,
                                                            mesh=mesh, schedule=schedule, batch_axes=batch_axes,
                                                            stage_specs=specs[0], shared_specs=specs[1])
   grads = dict(g_shared)
-  for name, index, active in layout:  # back to the stored stacks: padded rows dropped, gathered rows summed.
+  for stack, index, active in layout:  # back to the stored stacks: padded rows dropped, gathered rows summed.
+    name = stack.name
     if plain[name]:
       grads[name] = g_stage[name]
       continue
