@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax._src.ad_checkpoint import saved_residuals  # what `jax.ad_checkpoint.print_saved_residuals` prints.
 
 from jpllm_jax import models
+from jpllm_jax.models import stacks
 from jpllm_jax.models.config import ModelConfig
 from jpllm_jax.models.transformer import param_kinds
 from jpllm_jax.parallel.logical import logical_to_spec
@@ -118,15 +119,16 @@ def stage_residuals(cfg: ModelConfig, stages: int, rows: int, seq_len: int) -> l
   are rebuilt in the backward), traced, no memory allocated."""
   layout = step_lib.stage_layout(cfg, stages)
   shapes = models.param_shapes(cfg)
-  p0 = {n: jax.tree.map(lambda s, w=index.shape[1]: jax.ShapeDtypeStruct((w, *s.shape[1:]), s.dtype), shapes[n])
-        for n, index, _ in layout}
+  p0 = {st.name: jax.tree.map(lambda s, w=index.shape[1]: jax.ShapeDtypeStruct((w, *s.shape[1:]), s.dtype),
+                              stacks.get(shapes, st))
+        for st, index, _ in layout}
   x0 = jax.ShapeDtypeStruct((rows, seq_len, cfg.d_model), jnp.dtype(cfg.numerics.dtype))
   b0 = {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.int32) for k in ("inputs", "positions", "segment_ids")}
 
   def stage(p, x, b):
     ctx = models.context(cfg, b["inputs"], b["positions"], b["segment_ids"])
-    for name, _, active in layout:
-      x, _ = models.run_stack(cfg, p[name], x, ctx, with_stats=name == "layers_moe",
+    for st, _, active in layout:
+      x, _ = models.run_stack(cfg, p[st.name], x, ctx, with_stats=st.moe,
                               active=None if active.all() else jnp.asarray(active[0]))
     return x, ()
 
