@@ -7,7 +7,8 @@ dispatch and runs at a small GEMM's efficiency. Here they are grouped into bucke
 `dot_general` over its members zero-padded to a common (M, K, N), with K and N rounded up to a whole number of
 fp32 vectors of the platform profile (16 lanes for SVE-512 / AVX-512, 8 for AVX2, cpu.profile()). The zero
 padding leaves the products exact. Bucketing bounds the padding waste (padded minus useful FLOPs, over padded
-FLOPs) per bucket, and the plan reports it.
+FLOPs) per bucket, and the plan reports it. Each bucket's batched product runs on XLA's dot_general, or, where the
+profile asks for the SVE kernel (A64FX) and it is built, on jpllm_jax/kernels_sve (fp32).
 
   plan = batched_gemm.plan([(m, k, n), ...])           # buckets, waste
   outs = batched_gemm.matmuls(lhs_list, rhs_list)      # == [a @ b for a, b in zip(lhs_list, rhs_list)]
@@ -110,16 +111,39 @@ def _stack_padded(xs: Sequence[jax.Array], rows: int, cols: int) -> jax.Array:
   return out
 
 
-def _bdot(a: jax.Array, b: jax.Array, precision) -> jax.Array:
-  """[G, M, K] x [G, K, N] -> [G, M, N] as one batched dot_general."""
+BACKENDS = ("xla", "sve")
+
+
+def gemm_backend(dtype=jnp.float32) -> str:
+  """The bucket kernel used by default for operands of `dtype`: "sve" where the profile asks for it
+  (cpu.Profile.gemm_kernel), the kernel is available (kernels_sve.available()) and the dtype is fp32, else "xla"."""
+  if cpu.profile().gemm_kernel == "sve" and jnp.dtype(dtype) == jnp.float32:
+    from jpllm_jax import kernels_sve  # pylint: disable=import-outside-toplevel
+    if kernels_sve.available():
+      return "sve"
+  return "xla"
+
+
+def _bdot(a: jax.Array, b: jax.Array, precision, backend: str | None = None) -> jax.Array:
+  """[G, M, K] x [G, K, N] -> [G, M, N] as one batched product: XLA's dot_general, or the SVE kernel."""
+  dtype = jnp.result_type(a.dtype, b.dtype)
+  backend = backend or gemm_backend(dtype)
+  if backend not in BACKENDS:
+    raise ValueError(f"backend {backend!r}: not one of {BACKENDS}")
+  if backend == "sve":
+    from jpllm_jax import kernels_sve  # pylint: disable=import-outside-toplevel
+    if dtype != jnp.float32:
+      raise ValueError(f"the SVE kernel is fp32 only, not {dtype}")
+    return kernels_sve.bdot(a, b)
   return jax.lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,))), precision=precision,
                              preferred_element_type=jnp.result_type(a.dtype, b.dtype))
 
 
 def matmuls(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], the_plan: Plan | None = None,
-            precision=jax.lax.Precision.HIGHEST) -> list[jax.Array]:
-  """`[a @ b for a, b in zip(lhs, rhs)]` as one batched dot_general per bucket of `the_plan` (default:
-  plan(...) of their shapes). Call it under jit: the padding, stacking and slicing fuse around the dots."""
+            precision=jax.lax.Precision.HIGHEST, backend: str | None = None) -> list[jax.Array]:
+  """`[a @ b for a, b in zip(lhs, rhs)]` as one batched product per bucket of `the_plan` (default: plan(...) of
+  their shapes), on `backend` ("xla" | "sve"; default gemm_backend()). Call it under jit: the padding, stacking and
+  slicing fuse around the dots."""
   shapes = [(a.shape[0], a.shape[1], b.shape[1]) for a, b in zip(lhs, rhs)]
   the_plan = the_plan or plan(shapes)
   if list(the_plan.shapes) != shapes:
@@ -129,7 +153,7 @@ def matmuls(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], the_plan: Plan |
     m, k, n = bucket.shape
     a = _stack_padded([lhs[i] for i in bucket.members], m, k)
     b = _stack_padded([rhs[i] for i in bucket.members], k, n)
-    c = _bdot(a, b, precision)
+    c = _bdot(a, b, precision, backend)
     for j, i in enumerate(bucket.members):
       out[i] = c[j, :shapes[i][0], :shapes[i][2]]
   return out
@@ -142,9 +166,10 @@ def grouped_plan(group_sizes: Sequence[int], k: int, n: int, multiple: int | Non
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: Sequence[int], the_plan: Plan | None = None,
-                   precision=jax.lax.Precision.HIGHEST) -> jax.Array:
+                   precision=jax.lax.Precision.HIGHEST, backend: str | None = None) -> jax.Array:
   """Ragged grouped GEMM with sizes known when tracing: rows of x [T, K] sorted by group, group e's rows times
-  w[e] [K, N]; equals jax.lax.ragged_dot(x, w, group_sizes). Groups of similar size share a batched dot."""
+  w[e] [K, N]; equals jax.lax.ragged_dot(x, w, group_sizes). Groups of similar size share a batched dot
+  (on `backend`, as in matmuls)."""
   sizes = [int(s) for s in group_sizes]
   if sum(sizes) != x.shape[0] or len(sizes) != w.shape[0]:
     raise ValueError(f"group sizes {sizes} do not split x {x.shape} over w {w.shape}")
@@ -160,7 +185,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: Sequence[int], the_p
     b = w if members == list(range(w.shape[0])) else jnp.take(w, jnp.asarray(members), axis=0)
     if (kp, np_) != (k, n):
       b = jnp.pad(b, ((0, 0), (0, kp - k), (0, np_ - n)))
-    c = _bdot(a, b, precision)
+    c = _bdot(a, b, precision, backend)
     for j, e in enumerate(bucket.members):
       pieces[e] = c[j, :sizes[e], :n]
   return jnp.concatenate(pieces, axis=0) if pieces else jnp.zeros((t, n), x.dtype)

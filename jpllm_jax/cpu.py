@@ -97,6 +97,13 @@ class Profile:
     return -(-n // m) * m
 
   @property
+  def gemm_kernel(self) -> str:
+    """The kernel of batched_gemm's padded buckets: "sve" (jpllm_jax/kernels_sve, an ACLE FFI kernel, used where
+    its library loads: an aarch64 process with SVE) or "xla" (XLA's dot_general; stock XLA emits NEON on
+    aarch64, a quarter of A64FX's vector width)."""
+    return "sve" if self.isa == "sve" else "xla"
+
+  @property
   def processes_per_node(self) -> int:
     """One process per NUMA node (a CMG on A64FX): local memory, no cross-CMG traffic inside a step."""
     return max(1, self.numa_nodes)

@@ -74,3 +74,29 @@ def test_gradients_flow_through_the_padding():
   g = lambda x, w: jnp.sum(jnp.sin(jax.lax.ragged_dot(x, w, jnp.asarray(sizes), precision=HI)))
   for a, b in zip(jax.grad(f, (0, 1))(x, w), jax.grad(g, (0, 1))(x, w)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bucket_kernel_is_the_profiles_where_it_loads(monkeypatch):
+  """The profile asks for the SVE kernel on SVE machines; on this (non-aarch64) host it cannot load, so the
+  buckets fall back to XLA's dot, and asking for it explicitly says why. The kernel itself is checked under
+  emulation (tests/test_a64fx_emulation.py)."""
+  import platform
+  from jpllm_jax import cpu, kernels_sve
+  if platform.machine() in ("aarch64", "arm64"):
+    pytest.skip("on aarch64 the kernel may load here")
+  assert cpu.PRESETS["a64fx"].gemm_kernel == "sve" and cpu.PRESETS["aarch64-sve"].gemm_kernel == "sve"
+  assert cpu.PRESETS["x86-avx512"].gemm_kernel == "xla" and cpu.PRESETS["aarch64-neon"].gemm_kernel == "xla"
+  monkeypatch.setenv(cpu.PROFILE_ENV, "a64fx")
+  cpu.profile.cache_clear()
+  try:
+    assert not kernels_sve.available() and "aarch64" in kernels_sve.unavailable_reason()
+    assert bg.gemm_backend() == "xla"
+    a, b = _rand(0, 5, 7), _rand(1, 7, 3)
+    np.testing.assert_array_equal(bg.matmuls([a], [b])[0], bg.matmuls([a], [b], backend="xla")[0])
+    with pytest.raises(RuntimeError, match="unavailable"):
+      bg.matmuls([a], [b], backend="sve")
+    with pytest.raises(ValueError, match="not one of"):
+      bg.matmuls([a], [b], backend="blas")
+  finally:
+    monkeypatch.delenv(cpu.PROFILE_ENV)
+    cpu.profile.cache_clear()

@@ -3,6 +3,8 @@
 #   qemu/     Debian's qemu-user-static (amd64), unpacked: qemu/usr/bin/qemu-aarch64-static
 #   sysroot/  an aarch64 Python 3.11 and the libraries it loads, unpacked from Debian's arm64 packages
 #   site/     aarch64 wheels (jax/jaxlib and the repo's runtime deps at the versions installed on this host)
+#   cross/    Debian's gcc-aarch64-linux-gnu cross compiler, binutils and arm64 libc/libstdc++ dev files (amd64 and
+#             "all" packages), unpacked: cross/usr/bin/aarch64-linux-gnu-g++ builds jpllm_jax/kernels_sve (~48 MB)
 #   pyc.done  site/ and sysroot's standard library compiled to bytecode natively (when this host's Python is 3.11,
 #             the emulated one's version): otherwise qemu compiles every module the smoke run imports, every run
 # Needs root for `dpkg --add-architecture arm64` and `apt-get update` (done once). Idempotent: a finished part
@@ -61,6 +63,22 @@ if [ ! -e site/.done ]; then
     2> >(grep -v -e "is ignored: it is neither a file nor a directory" -e "Running pip as the 'root' user" >&2)
   touch site/.done
 fi
+# Host-side dependencies of the cross compiler (libisl23, libmpc3, libmpfr6, libjansson4, ...) are those of the
+# host's own gcc-12 and binutils, already installed where the repo builds.
+CROSS_PKGS="gcc-aarch64-linux-gnu g++-aarch64-linux-gnu cpp-aarch64-linux-gnu gcc-12-aarch64-linux-gnu
+  g++-12-aarch64-linux-gnu cpp-12-aarch64-linux-gnu gcc-12-aarch64-linux-gnu-base gcc-12-cross-base
+  binutils-aarch64-linux-gnu libgcc-12-dev-arm64-cross libstdc++-12-dev-arm64-cross libc6-dev-arm64-cross
+  libc6-arm64-cross linux-libc-dev-arm64-cross libgcc-s1-arm64-cross libstdc++6-arm64-cross"
+if [ ! -e cross/.done ]; then
+  log "aarch64 cross compiler"
+  rm -rf cross debs-cross && mkdir -p cross debs-cross
+  # shellcheck disable=SC2086
+  (cd debs-cross && download $CROSS_PKGS)
+  for d in debs-cross/*.deb; do dpkg -x "$d" cross; done
+  test -x cross/usr/bin/aarch64-linux-gnu-g++
+  touch cross/.done
+fi
+
 if [ ! -e pyc.done ] && python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
   log "bytecode of site/ and the aarch64 standard library"
   # A file that does not compile (the standard library's deliberately broken test inputs) is left to the run.
