@@ -10,6 +10,8 @@ The same breakdown as XLA's `memory_analysis()` (preflight.py), built from parts
 Against XLA's TPU compile of a dense plan it stays within 15% (tests/test_preflight.py: 2.5% under); what it
 leaves out is XLA's own scheduling: buffers it keeps live longer or frees earlier, fusion temporaries, generated
 code, and for MoE layers the dispatch's sort and gather buffers (the Mixtral twin: 0.43 of the compile).
+A pipelined plan (`stage` > 1) is modelled from its own buffers (`_pipeline`): against XLA's peak on v5p,
+LLM-jp-3 172B TP4 x PP16 80.9 GiB for 82.3 GiB, a remat=full stage-2 twin 0.493 for 0.494 GiB.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ from jpllm_jax.models.config import ModelConfig
 from jpllm_jax.models.transformer import param_kinds
 from jpllm_jax.parallel.logical import logical_to_spec
 from jpllm_jax.parallel.mesh import mesh_shape, with_rule_overrides
+from jpllm_jax.parallel.pipeline import split_vjp
+from jpllm_jax.parallel.pipeline_schedule import make_schedule
 from jpllm_jax.train import step as step_lib
 
 
@@ -38,9 +42,12 @@ def _shard_bytes(shape, dtype, axes, rules, sizes: Mapping[str, int]) -> float:
   return math.prod(shape) * jnp.dtype(dtype).itemsize / ways
 
 
-def state_bytes(cfg: ModelConfig, sizes: Mapping[str, int], rules) -> tuple[float, float]:
-  """(parameter bytes, Adam moment bytes) per device: fp32 masters, two moments for every trained leaf."""
+def state_bytes(cfg: ModelConfig, sizes: Mapping[str, int], rules, only: tuple[str, ...] = ()) -> tuple[float, float]:
+  """(parameter bytes, Adam moment bytes) per device: fp32 masters, two moments for every trained leaf (`only`:
+  just these top-level parameter groups, e.g. the layer stacks)."""
   shapes, axes, kinds = models.param_shapes(cfg), models.param_axes(cfg), param_kinds(cfg)
+  if only:
+    shapes, axes, kinds = ({k: t[k] for k in only if k in t} for t in (shapes, axes, kinds))
   is_axes = lambda x: isinstance(x, tuple)
   flat_axes = jax.tree.leaves(axes, is_leaf=is_axes)
   params = opt = 0.0
@@ -82,7 +89,74 @@ def estimate(cfg: ModelConfig, batch_size: int, seq_len: int, micro_batches: int
   accum = grads if micro_batches > 1 else 0.0
   batch_bytes = len(step_lib.BATCH_KEYS) * batch_size / dp * seq_len * 4
   state = params + opt
+  if stages > 1:
+    pipe = _pipeline(cfg, local, seq_len, micro_batches, sizes, params,
+                     state_bytes(cfg, sizes, table, ("layers", "layers_moe"))[0])
+    stored = pipe.pop("stored")
+    weights_bf16 = params / 2 * sizes["fsdp"]
+    return {"arguments": state + batch_bytes, "outputs": state, "aliased": state, **pipe,
+            "hbm_traffic": 3 * state + 2 * stored * micro_batches + 2 * weights_bf16 * micro_batches}
   weights_bf16 = params / 2 * sizes["fsdp"] / stages  # gathered over fsdp, once forward and once backward.
   return {"arguments": state + batch_bytes, "temporaries": acts + layer + 2 * grads + accum,
           "outputs": state, "aliased": state, "activations": acts, "layer_backward": layer,
           "hbm_traffic": 3 * state + 2 * acts * micro_batches + 2 * weights_bf16 * micro_batches}
+
+
+def _tensor_split(cfg: ModelConfig, shape: tuple[int, ...], rows: int, tensor: int) -> int:
+  """How many ways the tensor axis splits an activation: heads, key-value heads and the MLP's hidden width are
+  sharded over it (the `heads`, `kv_heads`, `mlp` rules); the residual stream [rows, T, d_model], its norms and
+  masks are replicated. The dimensions after the rows' are searched (a stacked residual leads with the layers)."""
+  a = cfg.attention
+  split = {a.n_heads, a.num_heads_kv, cfg.d_ff, cfg.moe.moe_d_ff or cfg.d_ff} - {None}
+  start = shape.index(rows) + 1 if rows in shape[:2] else 0
+  return tensor if any(d in split and d % tensor == 0 for d in shape[start:]) else 1
+
+
+def stage_residuals(cfg: ModelConfig, stages: int, rows: int, seq_len: int) -> list[jax.ShapeDtypeStruct]:
+  """What one pipeline slot holds for a micro-batch of `rows` sequences: the residuals `split_vjp` stores for the
+  first stage's layers (the pipeline's own split: those depending on the stage input; weights and their casts
+  are rebuilt in the backward), traced, no memory allocated."""
+  layout = step_lib.stage_layout(cfg, stages)
+  shapes = models.param_shapes(cfg)
+  p0 = {n: jax.tree.map(lambda s, w=index.shape[1]: jax.ShapeDtypeStruct((w, *s.shape[1:]), s.dtype), shapes[n])
+        for n, index, _ in layout}
+  x0 = jax.ShapeDtypeStruct((rows, seq_len, cfg.d_model), jnp.dtype(cfg.numerics.dtype))
+  b0 = {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.int32) for k in ("inputs", "positions", "segment_ids")}
+
+  def stage(p, x, b):
+    ctx = models.context(cfg, b["inputs"], b["positions"], b["segment_ids"])
+    for name, _, active in layout:
+      x, _ = models.run_stack(cfg, p[name], x, ctx, with_stats=name == "layers_moe",
+                              active=None if active.all() else jnp.asarray(active[0]))
+    return x, ()
+
+  return list(split_vjp(stage, p0, x0, b0).residuals)
+
+
+def _pipeline(cfg: ModelConfig, local: int, seq_len: int, micro_batches: int, sizes: Mapping[str, int],
+              params: float, stack_params: float) -> dict[str, float]:
+  """Temporaries of a pipelined step per device (parallel/pipeline.py), from the buffers XLA's TPU buffer
+  assignment holds for pipelined twins (v5p:2x2x1, stage 2 x tensor 2) and LLM-jp-3 172B (TP4 x PP16):
+  - every stored residual of a stage (tensor-split where its dimensions are) in the schedule's `res_slots` rows,
+    plus three copies of one micro-batch's: the row its backward reads, the forward branch's result and the
+    stage scan's stacked output it comes from;
+  - the stage inputs and cotangents waiting in their slots, and the two messages of a tick;
+  - the backward of one layer (its residuals without remat) and the last stage's logits and their cotangent;
+  - two fp32 gradients of the device's parameters (the tick scan's accumulator and the backward branch's
+    result) and the stage's weights cast to the compute dtype once (hoisted out of the layer scan).
+  This is XLA's peak (`peak_memory_in_bytes` = arguments + these); libtpu's `temp_size_in_bytes` adds a reserve
+  beyond the buffer assignment (about half of it on the twins; 172B: temp 70.0 GiB, peak 82.3 GiB total)."""
+  tensor = sizes["tensor"]
+  dev = lambda res: sum(math.prod(r.shape) * r.dtype.itemsize / _tensor_split(cfg, r.shape, local, tensor)
+                        for r in res)
+  sched = make_schedule("1f1b", sizes["stage"], micro_batches)
+  stored = dev(stage_residuals(cfg, sizes["stage"], local, seq_len))
+  h = local * seq_len * cfg.d_model * jnp.dtype(cfg.numerics.dtype).itemsize
+  one = cfg.replace(remat="none", n_layers=cfg.n_layers // sizes["stage"])  # (a stage's layers: per-layer mean)
+  layer = dev(stage_residuals(one, 1, local, seq_len)) / one.n_layers
+  logits = 2 * local * seq_len * cfg.vocab_size / tensor * 4
+  f32 = 4 / jnp.dtype(cfg.numerics.param_dtype).itemsize
+  cast = stack_params * jnp.dtype(cfg.numerics.dtype).itemsize / jnp.dtype(cfg.numerics.param_dtype).itemsize
+  acts = (sched.res_slots + 3) * stored
+  temps = acts + (sched.act_slots + sched.grad_slots + 2) * h + layer + logits + 2 * params * f32 + cast
+  return {"activations": acts, "layer_backward": layer + logits, "stored": stored, "temporaries": temps}
