@@ -85,6 +85,8 @@ def main(argv):
   del argv
   from jpllm_jax.train import preflight  # pylint: disable=import-outside-toplevel
   plan, target = plan_from_flags()
+  if target.compiled and os.environ.get("JAX_PLATFORMS") == "cpu":
+    sys.exit("error: JAX_PLATFORMS=cpu hides the TPU compiler; run with JAX_PLATFORMS='' (or 'cpu,tpu')")
   if plan.moe_impl == "pallas" and plan.cfg.moe.n_experts and dict(plan.mesh).get("expert", 1) == 1:
     sys.exit("error: --moe_impl=pallas needs --config.mesh.expert > 1: Mosaic kernels are not partitioned "
              "automatically, only inside the expert layer's shard_map")
@@ -95,8 +97,8 @@ def main(argv):
   gib = lambda k: r[k] / preflight.GiB
   print(f"per device: arguments {gib('arguments_bytes'):.2f} GiB, temporaries {gib('temporaries_bytes'):.2f} GiB, "
         f"outputs {gib('outputs_bytes'):.2f} GiB (aliased {gib('aliased_bytes'):.2f}), generated code "
-        f"{r.get('generated_code_bytes', 0) / 2**20:.1f} MiB; total {gib('per_device_bytes'):.2f} of "
-        f"{gib('hbm_bytes'):.0f} GiB HBM")
+        f"{r.get('generated_code_bytes', 0) / 2**20:.1f} MiB; peak {gib('per_device_bytes'):.2f} of "
+        f"{gib('hbm_bytes'):.0f} GiB HBM (allocated {gib('allocated_bytes'):.2f})")
   print(f"FLOPs/step/device {r['flops_per_step']:.3e} (XLA {r['xla_flops_per_step']:.3e}, model "
         f"{r['model_flops_per_step']:.3e}), bytes accessed {r['bytes_accessed']:.3e}; roofline step "
         f"{r['step_time_s'] * 1e3:.1f} ms, MFU ceiling {r['mfu_ceiling']:.2f} ({target.chip.source})")
@@ -114,6 +116,4 @@ if __name__ == "__main__":
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
   # A deviceless compile holds no chip: a second pre-flight (or a test) may load libtpu at the same time.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  if os.environ.get("JAX_PLATFORMS") == "cpu":
-    sys.exit("error: JAX_PLATFORMS=cpu hides the TPU compiler; run with JAX_PLATFORMS='' (or 'cpu,tpu')")
   app.run(main)

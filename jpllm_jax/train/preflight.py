@@ -137,17 +137,25 @@ def analyse(plan: Plan, target: Target, memory: dict[str, float], xla_flops: flo
             bytes_per_device: float) -> dict[str, Any]:
   """Per-device breakdown, roofline step time and MFU ceiling of a compiled (or modelled) step.
 
+  The verdict is on `peak` when the memory holds it: XLA's heap-simulated peak of the program (the arguments and
+  the temporaries live together at its worst point), which is what libtpu checks against HBM. Run with
+  LIBTPU_INIT_ARGS=--xla_tpu_max_hbm_size_mib=N, the dense twin (tests/test_preflight.py, peak 246 MiB, arguments
+  + temp_size 309 MiB) compiles at N=280 and is refused at N=200 ("HLO temporaries (250.83M)"): temp_size is
+  the allocation's size, which holds more than is ever live (reported as `allocated_bytes`). The analytic model
+  estimates the peak.
+
   XLA's cost analysis counts a while loop's body once (the scanned layers, the loss chunks), so the roofline
   takes the larger of its FLOPs and the model FLOPs times the recomputation of the remat policy."""
   chip = target.chip
-  total = memory["arguments"] + memory["temporaries"] + memory["outputs"] - memory.get("aliased", 0) \
+  allocated = memory["arguments"] + memory["temporaries"] + memory["outputs"] - memory.get("aliased", 0) \
       + memory.get("generated_code", 0)
+  total = memory.get("peak") or allocated
   model_flops = flops_lib.train_flops_per_token(plan.cfg, plan.seq_len) * plan.batch_size * plan.seq_len
   model_flops /= target.devices
   flops = max(xla_flops, model_flops * _recompute(plan.cfg))
   step_s = max(flops / chip.peak_flops, bytes_per_device / chip.hbm_bandwidth)
-  return {"per_device_bytes": int(total), "hbm_bytes": int(chip.hbm_bytes), "fits": bool(total <= chip.hbm_bytes),
-          **{f"{k}_bytes": int(v) for k, v in memory.items()},
+  return {"per_device_bytes": int(total), "allocated_bytes": int(allocated), "hbm_bytes": int(chip.hbm_bytes),
+          "fits": bool(total <= chip.hbm_bytes), **{f"{k}_bytes": int(v) for k, v in memory.items()},
           "flops_per_step": float(flops), "xla_flops_per_step": float(xla_flops),
           "bytes_accessed": float(bytes_per_device), "model_flops_per_step": float(model_flops),
           "step_time_s": float(step_s), "mfu_ceiling": float(min(model_flops / chip.peak_flops / step_s, 1.0))}
@@ -159,10 +167,11 @@ def compile_plan(plan: Plan, target: Target) -> dict[str, Any]:
   try:
     compiled = lower(plan, topology_devices(target.name)).compile()
   except jax.errors.JaxRuntimeError as e:  # libtpu refuses a program that exceeds HBM, naming what it needs.
-    m = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
+    m = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", str(e))
     if "RESOURCE_EXHAUSTED" not in str(e) or not m:
       raise
-    memory = {"arguments": 0, "temporaries": float(m.group(1)) * GiB, "outputs": 0, "aliased": 0}
+    need = float(m.group(1)) * 1024 ** ("KMGT".index(m.group(2)) + 1)
+    memory = {"arguments": 0, "temporaries": need, "outputs": 0, "aliased": 0, "peak": need}
     out = analyse(plan, target, memory, 0.0, 0.0)
     out.update(fits=False, compile_s=round(time.perf_counter() - t0, 1), oom=str(e).splitlines()[0][:300])
     return out
@@ -172,11 +181,9 @@ def compile_plan(plan: Plan, target: Target) -> dict[str, Any]:
   memory = {"arguments": m.argument_size_in_bytes, "temporaries": m.temp_size_in_bytes,
             "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes,
             "generated_code": m.generated_code_size_in_bytes}
+  if peak := getattr(m, "peak_memory_in_bytes", 0):
+    memory["peak"] = peak
   out = analyse(plan, target, memory, cost.get("flops", 0.0), cost.get("bytes accessed", 0.0))
-  # XLA's heap simulation: arguments and the temporaries live at once at the program's worst point. On TPU,
-  # temp_size also holds a reserve beyond the buffer assignment (~0.5 of it on the twins), so this is lower.
-  if (peak := getattr(m, "peak_memory_in_bytes", None)) is not None:
-    out["peak_bytes"] = int(peak)
   out["compile_s"] = round(time.perf_counter() - t0, 1)
   return out
 
