@@ -1,8 +1,8 @@
 """The MoE layer's token permutation and gate-weighted combine as row gathers by DMA (Mosaic, TPU).
 
-  gather_rows(x [T, D], idx [R])                   out[r] = x[idx[r]]                          (0 if idx[r] not in [0, T))
-  gather_combine(rows [R, D], row_of [N, k], w)    out[n] = sum_j w[n, j] * rows[row_of[n, j]]  (0 terms for rows not
-                                                   in [0, R)), products and sum in float32, out in rows' dtype
+  gather_rows(x [T, D], idx [R])                 out[r] = x[idx[r]]                          (0 if idx[r] not in [0, T))
+  gather_combine(rows [R, D], row_of [N, k], w)  out[n] = sum_j w[n, j] * rows[row_of[n, j]]  (0 terms for rows not
+                                                 in [0, R)), products and sum in float32, out in rows' dtype
 
 jpllm_jax/moe/ops.py uses them around the grouped matmul of its "pallas" layout: tokens (and dy) into the
 expert-sorted rows (index A // k = N for an empty padding row), rows back to assignment order (row_of, index = the
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels_pallas import moe_dispatch, vma
+from kernels_pallas import moe_dispatch, moe_gmm_tpu, vma
 
 BACKENDS = ("auto", "mosaic", "xla")
 INFLIGHT = 64  # row DMAs outstanding per grid step
@@ -232,13 +232,21 @@ def _gather_combine_kernel(idx_ref, w_ref, rows_hbm, out_ref, picked_ref, zero_r
                    lambda: _copy(zero_ref.at[pl.ds(0, 1)], dst, sem))
 
   _row_dmas(block_rows * k, copy, lambda t: True)
-  w = w_ref[...]
-  acc = None
-  for j in range(k):
-    parts = _unpack(picked_ref[j].reshape(out_ref.shape), packed)
-    terms = [p * w[:, j:j + 1] for p in parts]
-    acc = terms if acc is None else [a + b for a, b in zip(acc, terms)]
-  out_ref[...] = _pack(acc, packed).astype(out_ref.dtype)
+  cw = moe_gmm_tpu.lane_tile(out_ref.shape[1])
+
+  def tile(i, carry):  # 8 rows x cw words at a time: the terms stay in vector registers
+    r0 = pl.multiple_of(i * 8, 8)
+    w = w_ref[pl.ds(r0, 8), :]
+    for c0 in range(0, out_ref.shape[1], cw):
+      acc = None
+      for j in range(k):
+        parts = _unpack(picked_ref[j, pl.ds(r0, 8), :, pl.ds(c0, cw)].reshape(8, cw), packed)
+        terms = [p * w[:, j:j + 1] for p in parts]
+        acc = terms if acc is None else [a + b for a, b in zip(acc, terms)]
+      out_ref[pl.ds(r0, 8), pl.ds(c0, cw)] = _pack(acc, packed).astype(out_ref.dtype)
+    return carry
+
+  lax.fori_loop(0, block_rows // 8, tile, 0)
 
 
 def _gather_combine_mosaic(rows, row_of, w, *, block_rows: int | None, interpret: bool):
