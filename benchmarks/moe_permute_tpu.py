@@ -10,7 +10,8 @@ expert FFN 14336, bf16) it compiles the value-and-gradient (wrt x, gates and the
   pallas              the Pallas GMM with the Mosaic row-DMA gathers and combines (permute="auto")
 
 and, alone, the token -> row permutation (x [N, D] to the [A, D] expert-sorted rows) and the combine ([A, D] rows
-to [N, D], gate-weighted), XLA's against the kernel's. Each prints XLA's compiled temporaries
+to [N, D], gate-weighted), XLA's (moe_permute's XLA path, f32 products; and ops.combine, products in the rows'
+dtype, which the other layouts use) against the kernel's. Each prints XLA's compiled temporaries
 (`memory_analysis().temp_size_in_bytes`), bytes accessed and FLOPs (`cost_analysis()`, which counts a Pallas
 kernel by its `pl.CostEstimate`), one JSON line per program and a final JSON line with the ratios of "pallas" to
 "pallas_xla_permute".
@@ -35,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from jax.sharding import SingleDeviceSharding  # noqa: E402
 
-from jpllm_jax.moe import moe_ffn  # noqa: E402
+from jpllm_jax.moe import moe_ffn, ops  # noqa: E402
 from kernels_pallas import moe_permute  # noqa: E402
 
 LAYER = {"ragged": dict(impl="ragged"), "pallas_xla_permute": dict(impl="pallas", permute="xla"),
@@ -82,6 +83,8 @@ def main():
       "permute_xla": (lambda x, i: moe_permute.gather_rows(x, i, backend="xla"), (sds((n, d), dt), idx)),
       "permute_mosaic": (lambda x, i: moe_permute.gather_rows(x, i), (sds((n, d), dt), idx)),
       "combine_xla": (lambda r, i, w: moe_permute.gather_combine(r, i, w, backend="xla"),
+                      (sds((rows, d), dt), sds((n, k), jnp.int32), sds((n, k), jnp.float32))),
+      "combine_ops": (lambda r, i, w: ops.combine(r, i.reshape(-1), n, w.reshape(-1)),  # (products in bf16)
                       (sds((rows, d), dt), sds((n, k), jnp.int32), sds((n, k), jnp.float32))),
       "combine_mosaic": (lambda r, i, w: moe_permute.gather_combine(r, i, w),
                          (sds((rows, d), dt), sds((n, k), jnp.int32), sds((n, k), jnp.float32))),

@@ -9,20 +9,25 @@ expert-sorted rows (index A // k = N for an empty padding row), rows back to ass
 row count for a dropped assignment), and the combines of y and dx.
 
 Mosaic design: the indices are scalar prefetch (SMEM, 4 bytes per index: a few hundred KiB of SMEM bound one call),
-the source stays in HBM (`memory_space=pl.ANY`), and each grid step moves `block_rows` rows, one DMA per row, at
-most `INFLIGHT` outstanding on one semaphore (all copies are one row, so any completion satisfies a wait). A DMA
-moves whole 32-bit sublanes: bf16 rows are moved as uint32 words of column pairs (`_words`; a packed bf16 tile
-holds two rows per sublane, so a single bf16 row is not addressable) and unpacked to float32 by shifts in the
-combine. `gather_rows` copies HBM to HBM (an out-of-range row copies from a zero row in VMEM), so nothing is staged;
-the combine DMAs the k rows of each token of its block into a [k, block_rows, 1, D] VMEM scratch (a 1-row leading
-dim, so a row's offset is not a tiled one) and sums them weighted in float32.
+the source stays in HBM (`memory_space=pl.ANY`), and each grid step DMAs the source rows of its `block_rows`
+output rows (k per token for the combine), one DMA per row, at most `INFLIGHT` outstanding on one semaphore (all
+copies are one row, so any completion satisfies a wait), into a [k, block_rows, 1, D] VMEM scratch (the 1-row
+dim keeps a row's offset off the tiled dims); an out-of-range row copies a zero row. It then writes the output
+block from the scratch 8 (16 for bf16) rows by one lane tile at a time: the rows as they are, or for the
+combine their weighted sum in float32.
+
+A DMA moves whole 32-bit sublanes and a packed bf16 tile holds two rows per sublane, so a single bf16 row of an HBM
+array is not addressable: bf16 sources are first viewed as uint32 words that hold column c in the low and column
+c + D/2 in the high half (`_words`: one elementwise XLA pass over the source and a [T, D/2] uint32 temporary); the
+kernel unpacks the words by shifts and writes bf16 output blocks directly. f32 sources are read as they are.
 
 What it beats: XLA's combine gathers the picked [N, k, D] rows and reduces them (materialised in HBM unless XLA
 fuses the gather into the reduce); here only the [N, D] result is written, and each permutation is one pass of row
 DMAs (R D bytes read, R D written). What it does not beat: the bytes of the permutation itself, nor the grouped
-matmul's separate read of its rows (nothing is fused into the GMM); single-row DMAs are short transfers whose
-issue rate, not bandwidth, may bound small D; and the bf16 word view may cost XLA a relayout copy on either side
-(compiled HLO, benchmarks/moe_permute_tpu.py). Not timed on a TPU here: only compiled.
+matmul's separate read of its rows (nothing is fused into the GMM); for bf16 the word view of the source costs an
+extra pass and temporary (for ops.py's [A, F] residual gathers, the largest); and single-row DMAs are short
+transfers whose issue rate, not bandwidth, may bound small D. Not timed on a TPU here: only compiled
+(benchmarks/moe_permute_tpu.py).
 
 `backend`: "mosaic", "xla" (jnp.take and an f32 weighted sum, the same numerics), or "auto": Mosaic when the
 program is lowered for TPU, XLA elsewhere, chosen by the platform the program is lowered for the way the grouped
@@ -42,9 +47,8 @@ from kernels_pallas import moe_dispatch, moe_gmm_tpu, vma
 
 BACKENDS = ("auto", "mosaic", "xla")
 INFLIGHT = 64  # row DMAs outstanding per grid step
-GATHER_BLOCK_ROWS = 512  # rows per grid step of gather_rows (HBM to HBM: no VMEM block)
-COMBINE_BYTES = 4 << 20  # VMEM bytes of the combine's gathered rows per grid step
-COMBINE_BLOCK_ROWS = (8, 256)  # bounds of the combine's tokens per grid step (a multiple of 8: f32 tiles)
+SCRATCH_BYTES = 2 << 20  # VMEM bytes of the gathered rows of one grid step (the output block is as large, twice)
+MAX_BLOCK_ROWS = 256
 LANES = 128
 
 
@@ -57,7 +61,7 @@ def _pad_to(a: jax.Array, size: int, axis: int, value) -> jax.Array:
 
 def _words(a: jax.Array) -> jax.Array:
   """a [M, D] as 32-bit rows [M, D'] of whole lane tiles (D zero-padded): f32 as it is, bf16 as uint32 words that
-  hold column c in the low and column c + D'' / 2 in the high half (two elementwise passes of XLA's, no reshape)."""
+  hold column c in the low and column c + D' / 2 of the padded array in the high half (module docstring)."""
   dtype = jnp.dtype(a.dtype)
   if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
     raise ValueError(f"the Mosaic row gathers take float32 or bfloat16, not {dtype.name}")
@@ -65,36 +69,30 @@ def _words(a: jax.Array) -> jax.Array:
   a = _pad_to(a, -(-a.shape[1] // (LANES * per_word)) * LANES * per_word, 1, 0)
   if per_word == 1:
     return a
-  u, h = lax.bitcast_convert_type(a, jnp.uint16).astype(jnp.uint32), a.shape[1] // 2
-  return u[:, :h] | (u[:, h:] << 16)
+  h = a.shape[1] // 2
+  half = lambda v: lax.bitcast_convert_type(v, jnp.uint16).astype(jnp.uint32)  # (sliced first: one XLA fusion)
+  return half(a[:, :h]) | (half(a[:, h:]) << 16)
 
 
-def _unwords(w: jax.Array, dtype, d: int) -> jax.Array:
-  """The inverse of `_words`: [M, D'] words -> [M, d] of dtype."""
-  if jnp.dtype(dtype).itemsize == 4:
-    return w[:, :d] if d < w.shape[1] else w
-  halves = jnp.concatenate([w & jnp.uint32(0xFFFF), w >> 16], axis=1).astype(jnp.uint16)
-  out = lax.bitcast_convert_type(halves, dtype)
-  return out[:, :d] if d < out.shape[1] else out
+def _unpack(words, packed: bool):
+  """Word rows to float32 values: (values,), or the (low, high) halves of bf16 words: columns c and c + D' / 2."""
+  if not packed:
+    return (words,)
+  as_f32 = lambda u: lax.bitcast_convert_type(u, jnp.float32)
+  return as_f32(words << 16), as_f32(words & jnp.uint32(0xFFFF0000))
 
 
-def _row_dmas(count: int, copy, live):
-  """Issues copy(t).start() for t < count where live(t), at most INFLIGHT outstanding, and waits for all of them."""
-  def body(t, carry):
-    first = jnp.minimum(t, count - 1)
-
-    @pl.when((t < count) & live(first))
-    def _():
-      copy(first).start()
-
-    done = jnp.maximum(t - INFLIGHT, 0)
-
-    @pl.when((t >= INFLIGHT) & live(done))
-    def _():
-      copy(done).wait()
-    return carry
-
-  lax.fori_loop(0, count + INFLIGHT, body, 0)
+def _block_rows(rows: int, row_bytes: int, dtype, block_rows: int | None) -> int:
+  """block_rows, or the largest power of two whose gathered rows take at most SCRATCH_BYTES (<= MAX_BLOCK_ROWS and
+  not far past `rows`); a multiple of the output's TPU row tile either way (moe_gmm_tpu.row_multiple)."""
+  rm = moe_gmm_tpu.row_multiple(dtype)
+  if block_rows is None:
+    block_rows = MAX_BLOCK_ROWS
+    while block_rows > rm and (block_rows * row_bytes > SCRATCH_BYTES or block_rows >= 2 * rows):
+      block_rows //= 2
+  if block_rows % rm:
+    raise ValueError(f"block_rows={block_rows} must be a multiple of {rm} for {jnp.dtype(dtype).name} TPU tiles")
+  return block_rows
 
 
 def _in_range(i, size: int):
@@ -113,6 +111,52 @@ def _dispatch(xla_fn, mosaic_fn, args, interpret: bool | None, backend: str):
       other, mosaic_fn, args, False, "triton" if backend == "xla" else "auto")
 
 
+def _copy(src, dst, sem):
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
+  return pltpu.make_async_copy(src, dst, sem)
+
+
+def _gather_into(idx_ref, src_hbm, picked_ref, zero_ref, sem, *, k: int, num_src: int):
+  """DMAs, for t < block rows * k, source row idx_ref[base + t] (base: this grid step's first) into
+  picked_ref[t % k, t // k], a zero row where the index is out of range; at most INFLIGHT outstanding."""
+  count = picked_ref.shape[0] * picked_ref.shape[1]
+  base = pl.program_id(0) * count
+  zero_ref[...] = jnp.zeros_like(zero_ref)
+
+  def start_or_wait(t, start: bool):  # (lax.div/rem: t >= 0, and no sign op to lower)
+    i, dst = idx_ref[base + t], picked_ref.at[lax.rem(t, k), lax.div(t, k)]
+    row = lambda: _copy(src_hbm.at[pl.ds(jnp.clip(i, 0, num_src - 1), 1)], dst, sem)
+    if not start:
+      return row().wait()  # (either copy: the same byte count on the same semaphore)
+    pl.when(_in_range(i, num_src))(lambda: row().start())
+    pl.when(~_in_range(i, num_src))(lambda: _copy(zero_ref.at[pl.ds(0, 1)], dst, sem).start())
+
+  def body(t, carry):
+    pl.when(t < count)(lambda: start_or_wait(jnp.minimum(t, count - 1), True))
+    pl.when(t >= INFLIGHT)(lambda: start_or_wait(jnp.maximum(t - INFLIGHT, 0), False))
+    return carry
+
+  lax.fori_loop(0, count + INFLIGHT, body, 0)
+
+
+def _write_tiles(out_ref, picked_ref, values):
+  """out_ref's block, (rows of one sublane tile) x (one lane tile of words) at a time, so the values stay in vector
+  registers: values(words [k, rows, lane tile], first row) -> the tile's output parts (bf16: the low and high
+  halves' columns, module docstring; f32: one)."""
+  rt, dw = moe_gmm_tpu.row_multiple(out_ref.dtype), picked_ref.shape[-1]
+  cw = moe_gmm_tpu.lane_tile(dw)
+
+  def tile(i, carry):
+    r0 = pl.multiple_of(i * rt, rt)
+    for c0 in range(0, dw, cw):
+      words = picked_ref[:, pl.ds(r0, rt), :, pl.ds(c0, cw)].reshape(picked_ref.shape[0], rt, cw)
+      for h, part in enumerate(values(words, r0)):
+        out_ref[pl.ds(r0, rt), pl.ds(h * dw + c0, cw)] = part.astype(out_ref.dtype)
+    return carry
+
+  lax.fori_loop(0, out_ref.shape[0] // rt, tile, 0)
+
+
 def _call(kernel, grid_spec, out_shape, interpret: bool, name: str, cost: pl.CostEstimate):
   """A pallas_call of this module's kernels: the TPU interpreter or the Mosaic compiler, row blocks in parallel."""
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
@@ -121,9 +165,24 @@ def _call(kernel, grid_spec, out_shape, interpret: bool, name: str, cost: pl.Cos
                         compiler_params=None if interpret else pltpu.CompilerParams(dimension_semantics=("parallel",)))
 
 
-def _copy(src, dst, sem):
+def _gather_call(name: str, kernel, rows_w, idx, extra, k: int, n_out: int, out_dtype, bm: int, interpret: bool,
+                 cost: pl.CostEstimate):
+  """The pallas_call shared by both kernels: idx (padded to whole blocks with out-of-range rows) as scalar
+  prefetch, `extra` [n, k] f32 inputs blocked with the output rows, the word rows in HBM, the [n_out, D'] output."""
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
-  return pltpu.make_async_copy(src, dst, sem)
+  dw = rows_w.shape[1]
+  d_out = dw * 4 // jnp.dtype(out_dtype).itemsize
+  nb = -(-n_out // bm)
+  idx = _pad_to(idx, nb * bm * k, 0, rows_w.shape[0])
+  rows_w, idx, *extra = vma.vary_alike(rows_w, idx, *extra)
+  spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=(nb,),
+      in_specs=[*[pl.BlockSpec((bm, k), lambda i, idx: (i, 0)) for _ in extra], pl.BlockSpec(memory_space=pl.ANY)],
+      out_specs=pl.BlockSpec((bm, d_out), lambda i, idx: (i, 0)),  # (the last block may be partial: rows dropped)
+      scratch_shapes=[pltpu.VMEM((k, bm, 1, dw), rows_w.dtype), pltpu.VMEM((8, dw), rows_w.dtype),
+                      pltpu.SemaphoreType.DMA(())])
+  return _call(kernel, spec, vma.shape_dtype((n_out, d_out), out_dtype, rows_w), interpret, name, cost)(
+      idx, *extra, rows_w)
 
 
 # ------------------------------------------------------------------------------------------- gather_rows
@@ -139,49 +198,20 @@ def _gather_rows_xla(x, idx):
   return jnp.take(x, jnp.where(idx < 0, x.shape[0], idx), axis=0, mode="fill", fill_value=0)
 
 
-def _gather_rows_kernel(idx_ref, x_hbm, out_hbm, zero_ref, sem, *, block_rows: int, num_src: int, num_out: int):
-  base = pl.program_id(0) * block_rows
-  zero_ref[...] = jnp.zeros_like(zero_ref)
-
-  def copy_or_zero(r):
-    i, dst = idx_ref[base + r], out_hbm.at[pl.ds(base + r, 1)]
-    return _Either(_in_range(i, num_src), lambda: _copy(x_hbm.at[pl.ds(jnp.clip(i, 0, num_src - 1), 1)], dst, sem),
-                   lambda: _copy(zero_ref.at[pl.ds(0, 1)], dst, sem))
-
-  _row_dmas(block_rows, copy_or_zero, lambda r: base + r < num_out)  # (the last block may be partial)
-
-
-class _Either:
-  """One of two row DMAs (made by the thunks if_true and if_false), chosen at run time by `pred`."""
-
-  def __init__(self, pred, if_true, if_false):
-    self.pred, self.if_true, self.if_false = pred, if_true, if_false
-
-  def start(self):
-    pl.when(self.pred)(lambda: self.if_true().start())
-    pl.when(~self.pred)(lambda: self.if_false().start())
-
-  def wait(self):
-    self.if_true().wait()  # (either one: the same byte count on the same semaphore)
+def _gather_rows_kernel(idx_ref, x_hbm, out_ref, picked_ref, zero_ref, sem, *, num_src: int):
+  _gather_into(idx_ref, x_hbm, picked_ref, zero_ref, sem, k=1, num_src=num_src)
+  packed = picked_ref.dtype == jnp.uint32
+  _write_tiles(out_ref, picked_ref, lambda words, r0: _unpack(words[0], packed))
 
 
 def _gather_rows_mosaic(x, idx, *, block_rows: int | None, interpret: bool):
-  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
   (t, d), r = x.shape, idx.shape[0]
   xw = _words(x)
-  dw = xw.shape[1]
-  bm = block_rows or min(GATHER_BLOCK_ROWS, -(-r // 8) * 8)
-  rp = -(-r // bm) * bm
-  idx = _pad_to(idx, rp, 0, t)  # (the last block's indices: SMEM reads stay in bounds)
-  xw, idx = vma.vary_alike(xw, idx)
-  spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1, grid=(rp // bm,), in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
-      out_specs=pl.BlockSpec(memory_space=pl.ANY),
-      scratch_shapes=[pltpu.VMEM((8, dw), xw.dtype), pltpu.SemaphoreType.DMA(())])
-  cost = pl.CostEstimate(flops=0, transcendentals=0, bytes_accessed=2 * r * dw * 4 + 4 * r)
-  out = _call(functools.partial(_gather_rows_kernel, block_rows=bm, num_src=t, num_out=r), spec,
-              vma.shape_dtype((r, dw), xw.dtype, xw), interpret, "moe_gather_rows", cost)(idx, xw)
-  return _unwords(out, x.dtype, d)
+  bm = _block_rows(r, xw.shape[1] * 4, x.dtype, block_rows)
+  cost = pl.CostEstimate(flops=0, transcendentals=0, bytes_accessed=2 * r * xw.shape[1] * 4 + 4 * r)
+  out = _gather_call("moe_gather_rows", functools.partial(_gather_rows_kernel, num_src=t), xw, idx, (), 1, r,
+                     x.dtype, bm, interpret, cost)
+  return out[:, :d] if out.shape[1] != d else out
 
 
 # ---------------------------------------------------------------------------------------- gather_combine
@@ -205,70 +235,31 @@ def _gather_combine_xla(rows, row_of, w):
   return jnp.where(valid[..., None], picked * w[..., None], 0.0).sum(1).astype(rows.dtype)
 
 
-def _unpack(words, packed: bool):
-  """32-bit rows to float32 values: (values,), or the (low, high) halves of bf16 words (`_words`)."""
-  if not packed:
-    return (words,)
-  as_f32 = lambda u: lax.bitcast_convert_type(u, jnp.float32)
-  return as_f32(words << 16), as_f32(words & jnp.uint32(0xFFFF0000))  # (columns c, c + D / 2: `_words`)
+def _gather_combine_kernel(idx_ref, w_ref, rows_hbm, out_ref, picked_ref, zero_ref, sem, *, k: int, num_src: int):
+  _gather_into(idx_ref, rows_hbm, picked_ref, zero_ref, sem, k=k, num_src=num_src)
+  packed = picked_ref.dtype == jnp.uint32
 
+  def weighted_sum(words, r0):
+    w = w_ref[pl.ds(r0, words.shape[1]), :]
+    acc = None
+    for j in range(k):
+      terms = [p * w[:, j:j + 1] for p in _unpack(words[j], packed)]
+      acc = terms if acc is None else [a + b for a, b in zip(acc, terms)]
+    return acc
 
-def _pack(parts, packed: bool):
-  """The inverse of `_unpack`, rounding to bf16 (round to nearest even, by the hardware convert)."""
-  if not packed:
-    return parts[0]
-  bits = lambda v: lax.bitcast_convert_type(v.astype(jnp.bfloat16).astype(jnp.float32), jnp.uint32)
-  return (bits(parts[0]) >> 16) | (bits(parts[1]) & jnp.uint32(0xFFFF0000))
-
-
-def _gather_combine_kernel(idx_ref, w_ref, rows_hbm, out_ref, picked_ref, zero_ref, sem, *, block_rows: int, k: int,
-                           num_src: int, packed: bool):
-  base = pl.program_id(0) * block_rows * k
-  zero_ref[...] = jnp.zeros_like(zero_ref)
-
-  def copy(t):  # t = token * k + slot within the block (lax.div/rem: t >= 0, and no sign op to lower)
-    i, dst = idx_ref[base + t], picked_ref.at[lax.rem(t, k), lax.div(t, k)]
-    return _Either(_in_range(i, num_src), lambda: _copy(rows_hbm.at[pl.ds(jnp.clip(i, 0, num_src - 1), 1)], dst, sem),
-                   lambda: _copy(zero_ref.at[pl.ds(0, 1)], dst, sem))
-
-  _row_dmas(block_rows * k, copy, lambda t: True)
-  cw = moe_gmm_tpu.lane_tile(out_ref.shape[1])
-
-  def tile(i, carry):  # 8 rows x cw words at a time: the terms stay in vector registers
-    r0 = pl.multiple_of(i * 8, 8)
-    w = w_ref[pl.ds(r0, 8), :]
-    for c0 in range(0, out_ref.shape[1], cw):
-      acc = None
-      for j in range(k):
-        parts = _unpack(picked_ref[j, pl.ds(r0, 8), :, pl.ds(c0, cw)].reshape(8, cw), packed)
-        terms = [p * w[:, j:j + 1] for p in parts]
-        acc = terms if acc is None else [a + b for a, b in zip(acc, terms)]
-      out_ref[pl.ds(r0, 8), pl.ds(c0, cw)] = _pack(acc, packed).astype(out_ref.dtype)
-    return carry
-
-  lax.fori_loop(0, block_rows // 8, tile, 0)
+  _write_tiles(out_ref, picked_ref, weighted_sum)
 
 
 def _gather_combine_mosaic(rows, row_of, w, *, block_rows: int | None, interpret: bool):
-  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
   (r, d), (n, k) = rows.shape, row_of.shape
   rw = _words(rows)
   dw = rw.shape[1]
-  lo, hi = COMBINE_BLOCK_ROWS
-  bm = block_rows or max(lo, min(hi, -(-n // lo) * lo, COMBINE_BYTES // (k * dw * 4) // lo * lo))
-  np_ = -(-n // bm) * bm
-  row_of = _pad_to(row_of, np_, 0, r)
-  w = jnp.where(_in_range(row_of, r), _pad_to(w, np_, 0, 0.0), 0.0)
-  rw, row_of, w = vma.vary_alike(rw, row_of, w)
-  spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1, grid=(np_ // bm,),
-      in_specs=[pl.BlockSpec((bm, k), lambda i, idx: (i, 0)), pl.BlockSpec(memory_space=pl.ANY)],
-      out_specs=pl.BlockSpec((bm, dw), lambda i, idx: (i, 0)),
-      scratch_shapes=[pltpu.VMEM((k, bm, 1, dw), rw.dtype), pltpu.VMEM((8, dw), rw.dtype),
-                      pltpu.SemaphoreType.DMA(())])
-  cost = pl.CostEstimate(flops=2 * n * k * dw * 4 // jnp.dtype(rows.dtype).itemsize, transcendentals=0,
+  bm = _block_rows(n, k * dw * 4, rows.dtype, block_rows)
+  w = jnp.where(_in_range(row_of, r), w, 0.0)  # (a zero row's weight: no 0 * inf)
+  w = _pad_to(w, -(-n // bm) * bm, 0, 0.0)
+  flops = 2 * n * k * dw * 4 // jnp.dtype(rows.dtype).itemsize
+  cost = pl.CostEstimate(flops=flops, transcendentals=0,
                          bytes_accessed=n * k * dw * 4 + n * dw * 4 + 8 * n * k)
-  kernel = functools.partial(_gather_combine_kernel, block_rows=bm, k=k, num_src=r, packed=rw.dtype == jnp.uint32)
-  out = _call(kernel, spec, vma.shape_dtype((n, dw), rw.dtype, rw), interpret, "moe_gather_combine", cost)(
-      row_of.reshape(-1), w, rw)  # (the last block may be partial: Pallas drops its rows past n)
-  return _unwords(out, rows.dtype, d)
+  out = _gather_call("moe_gather_combine", functools.partial(_gather_combine_kernel, k=k, num_src=r), rw,
+                     row_of.reshape(-1), (w,), k, n, rows.dtype, bm, interpret, cost)
+  return out[:, :d] if out.shape[1] != d else out
