@@ -331,9 +331,10 @@ def moe_ffn(x: jax.Array, expert_ids: jax.Array, gates: jax.Array, w_gate: jax.A
       come in token order, and the rest are dropped (contribute 0).
     activation: the gate activation (models.layers.activation).
     block_rows: rows per block of the block layout ("pallas", and the last "padded" fallback); default by size.
-    interpret: run the Pallas kernels in the interpreter (default: on CPU).
+    interpret: run the Pallas kernels in the interpreter (default: the GMM on CPU; the gathers and combines only
+      when True, since TPU interpretation of their DMAs is slow).
     permute: the backend of "pallas"'s gathers and combines (kernels_pallas.moe_permute.BACKENDS): "auto" (the
-      Mosaic row-DMA kernels when lowered for TPU or interpreted), "mosaic" or "xla".
+      Mosaic row-DMA kernels when lowered for TPU or interpret=True, else XLA's), "mosaic" or "xla".
   Returns:
     y [N, D] in x's dtype, and stats: "load" int32 [E] assignments routed to each expert before dropping,
     "dropped" int32 [] assignments dropped by the capacity.
