@@ -4,6 +4,7 @@ libtpu (in a subprocess, so this process keeps JAX_PLATFORMS=cpu and never loads
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -94,18 +95,25 @@ print("RESULT", json.dumps(out))
 """
 
 
+def compile_deviceless(script: str) -> dict:
+  """Runs `script` in a subprocess that sees libtpu's deviceless TPU (JAX_PLATFORMS unset) and returns the JSON it
+  prints on its "RESULT " line."""
+  env = dict(os.environ, JAX_PLATFORMS="", PYTHONPATH=REPO, ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+             TPU_WORKER_HOSTNAMES="localhost", TPU_ACCELERATOR_TYPE="v5p-8")  # no TPU host probing
+  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  r = next(json.loads(l.split(" ", 1)[1]) for l in proc.stdout.splitlines() if l.startswith("RESULT"))
+  print(r)
+  return r
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (requirements.txt pins it)")
 def test_compiles_for_v5p():
   """grouped_matmul's forward and VJP lower to three Mosaic kernels on a deviceless v5p ("auto" picks them by the
   lowering platform) whose FLOPs the cost analysis counts; moe_ffn impl="pallas" compiles with them, "ragged"
   without."""
-  env = dict(os.environ, JAX_PLATFORMS="", PYTHONPATH=REPO, ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-             TPU_WORKER_HOSTNAMES="localhost", TPU_ACCELERATOR_TYPE="v5p-8")  # no TPU host probing
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-5000:]
-  r = next(__import__("json").loads(l.split(" ", 1)[1]) for l in proc.stdout.splitlines() if l.startswith("RESULT"))
-  print(r)
+  r = compile_deviceless(SCRIPT)
   assert r["gmm_calls"] == 3  # gmm forward, gmm of dout with rhs^T, tgmm
   assert r["gmm_flops"] >= 3 * 2 * r["M"] * 1024 * 768
   assert r["pallas"]["calls"] >= 3 and r["ragged"]["calls"] == 0

@@ -16,7 +16,9 @@ differ in the layout and its grouped matmul:
             tuning.PADDED_SLACKS, that holds it, else an exact block layout: groups tiled into blocks of `block_rows`
             rows, each tagged with its expert, multiplied block by block (`blocked_mm`).
   "pallas"  the block layout with the Pallas GMM kernel (kernels_pallas/moe_dispatch.py): Triton on GPU,
-            Mosaic on TPU (kernels_pallas/moe_gmm_tpu.py), the interpreter elsewhere (tests).
+            Mosaic on TPU (kernels_pallas/moe_gmm_tpu.py), the interpreter elsewhere (tests). Its gathers between
+            tokens and rows and its combines are the Pallas row-DMA kernels of kernels_pallas/moe_permute.py
+            where the program is lowered for TPU (or interpreted), XLA's gathers elsewhere (`permute`).
   "auto"    "padded" on CPU, "pallas" on GPU, "ragged" on TPU (the Mosaic kernel is not yet timed on a TPU).
 
 Under an FP8 matmul policy (jpllm_jax.models.fp8, injected by the train step) the padded and blocked grouped
@@ -39,7 +41,7 @@ import jax.numpy as jnp
 
 from jpllm_jax import cpu
 from jpllm_jax.moe import tuning
-from kernels_pallas import moe_dispatch, vma
+from kernels_pallas import moe_dispatch, moe_permute, vma
 
 IMPLS = ("auto", "ragged", "padded", "pallas")
 
@@ -174,7 +176,7 @@ def blocked_mm_fp8(pol, rows, w_EKN, block_expert, block_rows: int):
 
 def _layout(spec: tuple, e_A, rank, keep, kept, max_kept: int):
   """(row_src, row_of, mm) of a layout spec: ("ragged",), ("padded", C), ("blocked", B), ("pallas", B,
-  interpret); mm(rows, w [E, K, N]) is the layout's grouped matmul."""
+  interpret, permute backend); mm(rows, w [E, K, N]) is the layout's grouped matmul."""
   kind = spec[0]
   num_experts = kept.shape[0]
   if kind == "ragged":
@@ -226,15 +228,29 @@ def combine(rows, row_of, n: int, weights_A=None):
   return picked.sum(1)
 
 
+def _take_rows(v, idx):
+  return jnp.take(v, idx, axis=0, mode="fill", fill_value=0)
+
+
+def _permutes(cfg: _Config, spec) -> tuple:
+  """(take_rows(v [T, D], idx [R]), combine(rows, row_of, n, weights_A=None)) of a layout: the XLA gathers, or
+  for "pallas" kernels_pallas/moe_permute.py's with the GMM's interpret flag (zeros past the rows either way)."""
+  if spec[0] != "pallas":
+    return _take_rows, combine
+  kw = dict(interpret=spec[2], backend=spec[3])
+  return (functools.partial(moe_permute.gather_rows, **kw),
+          lambda rows, row_of, n, weights_A=None: moe_permute.gather_combine(rows, row_of, weights_A, k=cfg.k, **kw))
+
+
 def _forward(cfg: _Config, spec, x, weights_A, w_gate, w_up, w_down, e_A, rank, keep, kept):
   """The gate-weighted expert outputs y [N, D], and the gate and up projections [A, F] (residuals)."""
   row_src, row_of, mm = _layout(spec, e_A, rank, keep, kept, cfg.max_kept)
-  x_rows = jnp.take(x, row_src // cfg.k, axis=0, mode="fill", fill_value=0)
+  take, comb = _permutes(cfg, spec)
+  x_rows = take(x, row_src // cfg.k)
   g = mm(x_rows, w_gate)
   u = mm(_after(x_rows, g), w_up)
   out = mm(_layers().activation(cfg.activation, g) * u, w_down)
-  take = lambda rows: jnp.take(rows, row_of, axis=0, mode="fill", fill_value=0)
-  return combine(out, row_of, x.shape[0], weights_A).astype(x.dtype), take(g), take(u)
+  return comb(out, row_of, x.shape[0], weights_A).astype(x.dtype), take(g, row_of), take(u, row_of)
 
 
 def _backward(cfg: _Config, spec, x, weights_A, w_gate, w_up, w_down, e_A, rank, keep, kept, g_A, u_A, dy):
@@ -242,11 +258,12 @@ def _backward(cfg: _Config, spec, x, weights_A, w_gate, w_up, w_down, e_A, rank,
   projection's input gets weight * q and the row's gate weight gets <h, q> (= <out, dy_row>), so the combine
   needs neither the outputs as residuals nor dy spread over the k assignments."""
   row_src, row_of, mm = _layout(spec, e_A, rank, keep, kept, cfg.max_kept)
-  to_rows = lambda v: jnp.take(v, row_src, axis=0, mode="fill", fill_value=0)
-  x_rows = jnp.take(x, row_src // cfg.k, axis=0, mode="fill", fill_value=0)
-  dy_rows = jnp.take(dy, row_src // cfg.k, axis=0, mode="fill", fill_value=0)
-  w_rows = to_rows(weights_A).astype(dy.dtype)[:, None]
-  h, act_vjp = jax.vjp(lambda g, u: _layers().activation(cfg.activation, g) * u, to_rows(g_A), to_rows(u_A))
+  take, comb = _permutes(cfg, spec)
+  x_rows = take(x, row_src // cfg.k)
+  dy_rows = take(dy, row_src // cfg.k)
+  w_rows = _take_rows(weights_A, row_src).astype(dy.dtype)[:, None]  # (1-D: XLA's gather in every layout)
+  h, act_vjp = jax.vjp(lambda g, u: _layers().activation(cfg.activation, g) * u, take(g_A, row_src),
+                       take(u_A, row_src))
   q = jax.vjp(mm, h, w_down)[1](dy_rows)[0]  # (the unused forward and weight products are dead code)
   dw_down = jax.vjp(mm, w_rows.astype(h.dtype) * h, w_down)[1](dy_rows)[1]
   dweights_rows = (h.astype(jnp.float32) * q.astype(jnp.float32)).sum(-1)
@@ -255,7 +272,7 @@ def _backward(cfg: _Config, spec, x, weights_A, w_gate, w_up, w_down, e_A, rank,
   # Left concurrent (no _after): the backward's matmuls are large enough that sequencing them gains nothing.
   dx_g, dw_gate = jax.vjp(mm, x_rows, w_gate)[1](dg)
   dx_u, dw_up = jax.vjp(mm, x_rows, w_up)[1](du)
-  dx = combine(dx_g + dx_u, row_of, x.shape[0]).astype(x.dtype)
+  dx = comb(dx_g + dx_u, row_of, x.shape[0]).astype(x.dtype)
   return dx, dweights_A, dw_gate, dw_up, dw_down
 
 
@@ -302,7 +319,7 @@ expert_mixture.defvjp(_expert_mixture_fwd, _expert_mixture_bwd)
 def moe_ffn(x: jax.Array, expert_ids: jax.Array, gates: jax.Array, w_gate: jax.Array, w_up: jax.Array,
             w_down: jax.Array, *, impl: str = "auto", capacity_factor: float | None = None,
             activation: str = "silu", block_rows: int | None = None,
-            interpret: bool | None = None) -> tuple[jax.Array, dict]:
+            interpret: bool | None = None, permute: str = "auto") -> tuple[jax.Array, dict]:
   """Routed SwiGLU experts: y[n] = sum_j gates[n, j] * down(act(x[n] @ w_gate[e]) * (x[n] @ w_up[e])), e =
   expert_ids[n, j].
 
@@ -314,7 +331,10 @@ def moe_ffn(x: jax.Array, expert_ids: jax.Array, gates: jax.Array, w_gate: jax.A
       come in token order, and the rest are dropped (contribute 0).
     activation: the gate activation (models.layers.activation).
     block_rows: rows per block of the block layout ("pallas", and the last "padded" fallback); default by size.
-    interpret: run the Pallas kernel in the interpreter (default: on CPU).
+    interpret: run the Pallas kernels in the interpreter (default: the GMM on CPU; the gathers and combines only
+      when True, since TPU interpretation of their DMAs is slow).
+    permute: the backend of "pallas"'s gathers and combines (kernels_pallas.moe_permute.BACKENDS): "auto" (the
+      Mosaic row-DMA kernels when lowered for TPU or interpret=True, else XLA's), "mosaic" or "xla".
   Returns:
     y [N, D] in x's dtype, and stats: "load" int32 [E] assignments routed to each expert before dropping,
     "dropped" int32 [] assignments dropped by the capacity.
@@ -329,13 +349,14 @@ def moe_ffn(x: jax.Array, expert_ids: jax.Array, gates: jax.Array, w_gate: jax.A
   max_kept = a if capacity is None else min(a, capacity * num_experts)
   e_A = expert_ids.reshape(-1).astype(jnp.int32)
   rank, keep, load, kept = route(e_A, num_experts, capacity)
-  cfg = experts_config(impl, k, activation, a, num_experts, capacity, max_kept, block_rows, interpret)
+  cfg = experts_config(impl, k, activation, a, num_experts, capacity, max_kept, block_rows, interpret, permute)
   y = expert_mixture(cfg, x, gates.reshape(-1), w_gate, w_up, w_down, e_A, rank, keep, kept)
   return y, {"load": load, "dropped": (a - kept.sum()).astype(jnp.int32)}
 
 
 def experts_config(impl: str, k: int, activation: str, assignments: int, num_experts: int, capacity: int | None,
-                   max_kept: int, block_rows: int | None = None, interpret: bool | None = None) -> _Config:
+                   max_kept: int, block_rows: int | None = None, interpret: bool | None = None,
+                   permute: str = "auto") -> _Config:
   """The static settings of `expert_mixture` for a resolved `impl` (not "auto"): its layouts and when each is
   used, for `assignments` rows expected over `num_experts` experts, at most `capacity` per expert."""
   bm = block_rows or default_block_rows(assignments, num_experts)
@@ -344,7 +365,7 @@ def experts_config(impl: str, k: int, activation: str, assignments: int, num_exp
   if impl == "padded":
     layouts, limits = _padded_layouts(assignments, num_experts, capacity, max_kept, bm)
   else:
-    spec = {"pallas": (impl, bm, interpret), "blocked": (impl, bm)}.get(impl, (impl,))
+    spec = {"pallas": (impl, bm, interpret, permute), "blocked": (impl, bm)}.get(impl, (impl,))
     layouts, limits = (spec,), ()
   return _Config(k, activation, max_kept, layouts, limits)
 
