@@ -32,6 +32,11 @@ DEFAULT_RULES: Rules = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
+    # MLA's low-rank dims (q_a/q_b, kv_a/kv_b): the contraction dim of the up-projections, sharded like `embed`
+    # (without these, q_b and kv_b, 12 of DeepSeek-V3's 15 GiB of weights per device at expert 64 x fsdp 32,
+    # were replicated over fsdp).
+    ("q_lora", "fsdp"),
+    ("kv_lora", "fsdp"),
     ("vocab", "tensor"),
     ("layers", "stage"),  # stacked layers in contiguous blocks over the pipeline stages.
     ("expert", "expert"),  # E of the expert weights (parallel/expert.py).
@@ -112,6 +117,8 @@ def check_model_fits_mesh(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_R
   if cfg.moe.n_experts:  # the experts' width, the shared experts' width and the expert count.
     dims += [("mlp", cfg.expert_d_ff), ("mlp", cfg.moe.n_shared_experts * cfg.expert_d_ff),
              ("expert", cfg.moe.n_experts)]
+  if cfg.attention.kind == "mla":
+    dims += [("q_lora", cfg.attention.q_lora_rank), ("kv_lora", cfg.attention.kv_lora_rank)]
   for name, size in dims:
     axes = table.get(name)
     if axes is None or not size:
