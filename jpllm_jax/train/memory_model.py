@@ -112,25 +112,23 @@ def estimate(cfg: ModelConfig, batch_size: int, seq_len: int, micro_batches: int
   dp = math.prod(sizes[a] for a in ((batch_axes,) if isinstance(batch_axes, str) else batch_axes))
   local = max(1, batch_size // dp // micro_batches)
   params, opt = state_bytes(cfg, sizes, table)
-  stages = sizes.get("stage", 1)
-  in_flight = min(micro_batches, stages) if stages > 1 else 1
-  acts = activation_bytes(cfg, local, seq_len) / sizes["tensor"] / stages * in_flight
-  # The backward of one layer holds that layer's intermediates (recomputed under remat) and their cotangents
-  # beside the saved residuals: one layer's residuals without remat.
-  layer = activation_bytes(cfg.replace(remat="none"), local, seq_len) / cfg.n_layers / sizes["tensor"]
-  layer += moe_backward_bytes(cfg, local, seq_len, sizes["tensor"])
-  grads = params * 4 / jnp.dtype(cfg.numerics.param_dtype).itemsize
-  accum = grads if micro_batches > 1 else 0.0
   batch_bytes = len(step_lib.BATCH_KEYS) * batch_size / dp * seq_len * 4
   state = params + opt
-  if stages > 1:
+  if sizes.get("stage", 1) > 1:  # a pipeline's own buffers (traced per stage: the whole model is not)
     pipe = _pipeline(cfg, local, seq_len, micro_batches, sizes, params,
                      state_bytes(cfg, sizes, table, tuple(s.name for s in stacks.main_stacks(cfg)))[0])
     stored = pipe.pop("stored")
     weights_bf16 = params / 2 * sizes["fsdp"]
     return {"arguments": state + batch_bytes, "outputs": state, "aliased": state, **pipe,
             "hbm_traffic": 3 * state + 2 * stored * micro_batches + 2 * weights_bf16 * micro_batches}
-  weights_bf16 = params / 2 * sizes["fsdp"] / stages  # gathered over fsdp, once forward and once backward.
+  acts = activation_bytes(cfg, local, seq_len) / sizes["tensor"]
+  # The backward of one layer holds that layer's intermediates (recomputed under remat) and their cotangents
+  # beside the saved residuals: one layer's residuals without remat.
+  layer = activation_bytes(cfg.replace(remat="none"), local, seq_len) / cfg.n_layers / sizes["tensor"]
+  layer += moe_backward_bytes(cfg, local, seq_len, sizes["tensor"])
+  grads = params * 4 / jnp.dtype(cfg.numerics.param_dtype).itemsize
+  accum = grads if micro_batches > 1 else 0.0
+  weights_bf16 = params / 2 * sizes["fsdp"]  # gathered over fsdp, once forward and once backward.
   return {"arguments": state + batch_bytes, "temporaries": acts + layer + 2 * grads + accum,
           "outputs": state, "aliased": state, "activations": acts, "layer_backward": layer,
           "hbm_traffic": 3 * state + 2 * acts * micro_batches + 2 * weights_bf16 * micro_batches}
@@ -178,8 +176,8 @@ def _pipeline(cfg: ModelConfig, local: int, seq_len: int, micro_batches: int, si
   - the backward of one layer (its residuals without remat) and the last stage's logits and their cotangent;
   - two fp32 gradients of the device's parameters (the tick scan's accumulator and the backward branch's
     result) and the stage's weights cast to the compute dtype once (hoisted out of the layer scan).
-  This is XLA's peak (`peak_memory_in_bytes` = arguments + these); libtpu's `temp_size_in_bytes` adds a reserve
-  beyond the buffer assignment (about half of it on the twins; 172B: temp 70.0 GiB, peak 82.3 GiB total)."""
+  This estimates XLA's peak (`peak_memory_in_bytes` = arguments + these), the verdict's figure (preflight.analyse);
+  libtpu's `temp_size_in_bytes` is the allocation, larger (172B: temp 70.0 GiB, peak 82.3 GiB in all)."""
   tensor = sizes["tensor"]
   dev = lambda res: sum(math.prod(r.shape) * r.dtype.itemsize / _tensor_split(cfg, r.shape, local, tensor)
                         for r in res)
